@@ -1,0 +1,1 @@
+"""Small pieces shared by the receiver, the shipper and the operator tools."""

@@ -1,0 +1,118 @@
+"""Load a TOML file into a frozen, typed msgspec Struct.
+
+Every failure becomes one ConfigError naming the file, the key and what was
+expected, so that a CLI can print a single line and exit 2.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; str() is the one line to show."""
+
+    def __init__(self, source: str, key: str | None, problem: str) -> None:
+        self.source = source
+        self.key = key
+        self.problem = problem
+        where = f"{source}: {key}" if key else source
+        super().__init__(f"{where}: {problem}")
+
+
+_AT_PATH = re.compile(r"^(?P<msg>.*?) - at `\$(?P<path>[^`]*)`$")
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]+)`$")
+_MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`$")
+_EXPECTED = re.compile(r"^Expected `(?P<what>[^`]+)`(?P<rest>.*?)(, got `(?P<got>[^`]+)`)?$")
+
+
+def _join(path: str, field: str) -> str:
+    return f"{path}.{field}" if path else field
+
+
+def explain_validation_error(source: str, error: msgspec.ValidationError) -> ConfigError:
+    """Turn msgspec's message into (key, problem) in the words of a config file."""
+    text = str(error)
+    path = ""
+    match = _AT_PATH.match(text)
+    if match:
+        text = match.group("msg")
+        # msgspec paths look like ".storage.data_dir" or ".hosts[0]"
+        path = match.group("path").lstrip(".")
+    if m := _UNKNOWN.match(text):
+        return ConfigError(source, _join(path, m.group("field")), "unknown key")
+    if m := _MISSING.match(text):
+        return ConfigError(source, _join(path, m.group("field")), "required key is missing")
+    if m := _EXPECTED.match(text):
+        what = _TYPE_WORDS.get(m.group("what"), m.group("what"))
+        problem = f"expected {what}{m.group('rest')}"
+        if m.group("got"):
+            problem += f", got {_TYPE_WORDS.get(m.group('got'), m.group('got'))}"
+        return ConfigError(source, path or None, problem)
+    return ConfigError(source, path or None, text[:1].lower() + text[1:])
+
+
+_TYPE_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "true or false",
+    "object": "a table",
+    "array": "an array",
+    "null": "nothing",
+}
+
+
+def _decode_hook(type_: type, obj: Any) -> Any:
+    if type_ is Path and isinstance(obj, str):
+        return Path(obj)
+    raise NotImplementedError
+
+
+def convert(source: str, data: Mapping[str, Any], type_: type[T]) -> T:
+    """Validate already-parsed TOML data against a Struct type."""
+    try:
+        return msgspec.convert(data, type=type_, dec_hook=_decode_hook)
+    except msgspec.ValidationError as error:
+        raise explain_validation_error(source, error) from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file; unreadable files and syntax errors become ConfigError."""
+    source = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(source, None, "config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(source, None, "is a directory, not a config file") from None
+    except OSError as error:
+        raise ConfigError(source, None, f"cannot read config file: {error.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(source, None, f"not UTF-8 text (byte {error.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        # tomllib's message already carries "(at line N, column M)"
+        raise ConfigError(source, None, f"invalid TOML: {error}") from None
+
+
+def load(path: Path, type_: type[T]) -> T:
+    """Read and validate a TOML config file."""
+    return convert(str(path), read_toml(path), type_)
+
+
+def resolve_path(base: Path, value: Path) -> Path:
+    """Relative paths in a config file are relative to the file's directory."""
+    expanded = value.expanduser()
+    return expanded if expanded.is_absolute() else (base / expanded)

@@ -1,0 +1,116 @@
+"""`episode-receiver`: serve, check-config, add-host, remove-host.
+
+CLI -> config -> server, as uvicorn does it: a bad config or an unusable
+data_dir prints one line and exits 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from episode_common.cli_support import fail, setup_logging
+from episode_common.config_loading import ConfigError
+from receiver import __version__
+from receiver.config import ReceiverConfig, dev_config, ensure_data_dir, load_config
+
+PROG = "episode-receiver"
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Receive episode tarballs from lab hosts; accept only recent code.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the receiver")
+    source = serve.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="the receiver's TOML config file")
+    source.add_argument(
+        "--dev",
+        action="store_true",
+        help="use the built-in development config: 127.0.0.1, data under ./var, "
+        "version gate on the git checkout in the current directory, no auth",
+    )
+    serve.add_argument("--host", help="override [server] host")
+    serve.add_argument("--port", type=int, help="override [server] port")
+    serve.add_argument("--workers", type=int, help="override [server] workers")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+
+    check = commands.add_parser(
+        "check-config", help="validate the config, the gate repository and the data dir"
+    )
+    check.add_argument("--config", type=Path, required=True)
+
+    add_host = commands.add_parser("add-host", help="mint a token for HOST, print it once")
+    add_host.add_argument("host_id", metavar="HOST")
+    add_host.add_argument("--config", type=Path, required=True)
+
+    remove_host = commands.add_parser("remove-host", help="revoke HOST's token")
+    remove_host.add_argument("host_id", metavar="HOST")
+    remove_host.add_argument("--config", type=Path, required=True)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> ReceiverConfig:
+    try:
+        if getattr(args, "dev", False):
+            return dev_config(Path.cwd())
+        return load_config(args.config)
+    except ConfigError as error:
+        fail(PROG, f"config: {error}")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from receiver.server import run_server
+
+    config = _load(args)
+    server = config.server
+    overrides = {"host": args.host, "port": args.port, "workers": args.workers}
+    changed = {key: value for key, value in overrides.items() if value is not None}
+    if changed:
+        try:
+            server = msgspec.convert(
+                {**msgspec.structs.asdict(server), **changed}, type=type(server)
+            )
+        except msgspec.ValidationError as error:
+            fail(PROG, f"command line: {error}")
+        config = msgspec.structs.replace(config, server=server)
+    try:
+        ensure_data_dir(config)
+    except ConfigError as error:
+        fail(PROG, f"config: {error}")
+    setup_logging(args.log_level)
+    return run_server(config, log_level=args.log_level)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from receiver.checks import check_all
+
+    config = _load(args)
+    problem = check_all(config)
+    if problem is not None:
+        fail(PROG, problem)
+    print(f"{PROG}: {config.source}: ok")
+    return 0
+
+
+def _cmd_not_yet(args: argparse.Namespace) -> int:
+    fail(PROG, f"'{args.command}' needs per-host token auth, which this version does not have yet")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _build_parser().parse_args(argv)
+    handlers = {
+        "serve": _cmd_serve,
+        "check-config": _cmd_check_config,
+        "add-host": _cmd_not_yet,
+        "remove-host": _cmd_not_yet,
+    }
+    sys.exit(handlers[args.command](args))

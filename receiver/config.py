@@ -1,0 +1,170 @@
+"""The receiver's configuration: TOML into frozen, typed objects.
+
+Key names and defaults are part of the product contract; each key is
+documented in etc/receiver.toml.example and docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from episode_common.config_loading import ConfigError, convert, read_toml, resolve_path
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+Port = Annotated[int, Meta(ge=0, le=65535)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegativeInt = Annotated[int, Meta(ge=0)]
+PositiveSeconds = Annotated[float, Meta(gt=0)]
+HeaderName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")]
+
+DEFAULT_REMEDIATION = """\
+# This host's code is too old (or not on the maintainer's branch) for its episodes
+# to be accepted. Update the code, then re-queue the refused episodes:
+cd /path/to/your/checkout && git pull --ff-only
+episode-shipper retry --config /etc/episode-ingest/shipper.toml
+"""
+
+
+class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    workers: Annotated[int, Meta(ge=1, le=64)] = 1
+
+
+class StorageConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    data_dir: Path
+    type: Literal["filesystem"] = "filesystem"
+    max_upload_bytes: PositiveInt = 64 * GiB
+    min_free_bytes: NonNegativeInt = 1 * GiB
+    validate: Literal["none", "zstd", "tar"] = "tar"
+    # Caps that keep a hostile tarball (a zstd bomb) from exhausting memory or CPU.
+    max_unpacked_bytes: PositiveInt = 256 * GiB
+    max_window_bytes: Annotated[int, Meta(ge=1 * KiB, le=2 * GiB)] = 128 * MiB
+    max_members: PositiveInt = 1_000_000
+
+
+class IndexConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    type: Literal["jsonl"] = "jsonl"
+
+
+class GateConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    enabled: bool = True
+    repo_path: Path | None = None
+    ref: Annotated[str, Meta(min_length=1)] = "HEAD"
+    window: Annotated[int, Meta(ge=1, le=1_000_000)] = 100
+    refresh_seconds: PositiveSeconds = 30.0
+    git_timeout_seconds: PositiveSeconds = 10.0
+    header: HeaderName = "X-Code-Commit"
+    remediation: str = DEFAULT_REMEDIATION
+
+
+class AuthConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    mode: Literal["none", "tokens"] = "none"
+    tokens_file: Path | None = None
+
+
+class ReceiverConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    storage: StorageConfig
+    server: ServerConfig = ServerConfig()
+    index: IndexConfig = IndexConfig()
+    version_gate: GateConfig = GateConfig()
+    auth: AuthConfig = AuthConfig()
+    # Where the config came from; used in messages only.
+    source: str = "<built-in>"
+
+
+def _check_semantics(config: ReceiverConfig) -> None:
+    gate = config.version_gate
+    if gate.enabled and gate.repo_path is None:
+        raise ConfigError(
+            config.source, "version_gate.repo_path", "required when version_gate.enabled = true"
+        )
+    if config.auth.mode == "tokens" and config.auth.tokens_file is None:
+        raise ConfigError(config.source, "auth.tokens_file", 'required when auth.mode = "tokens"')
+
+
+def _resolve_paths(config: ReceiverConfig, base: Path) -> ReceiverConfig:
+    gate = config.version_gate
+    auth = config.auth
+    return msgspec.structs.replace(
+        config,
+        storage=msgspec.structs.replace(
+            config.storage, data_dir=resolve_path(base, config.storage.data_dir)
+        ),
+        version_gate=msgspec.structs.replace(
+            gate,
+            repo_path=None if gate.repo_path is None else resolve_path(base, gate.repo_path),
+        ),
+        auth=msgspec.structs.replace(
+            auth,
+            tokens_file=None if auth.tokens_file is None else resolve_path(base, auth.tokens_file),
+        ),
+    )
+
+
+def from_mapping(data: dict[str, Any], source: str, base: Path) -> ReceiverConfig:
+    """Validate parsed TOML; relative paths are taken relative to base."""
+    if "source" in data:
+        raise ConfigError(source, "source", "unknown key")
+    config = convert(source, {**data, "source": source}, ReceiverConfig)
+    config = _resolve_paths(config, base)
+    _check_semantics(config)
+    return config
+
+
+def load_config(path: Path) -> ReceiverConfig:
+    """Load the receiver's config file (relative paths: relative to the file's directory)."""
+    return from_mapping(read_toml(path), str(path), path.resolve().parent)
+
+
+def dev_config(project_root: Path, port: int | None = None) -> ReceiverConfig:
+    """The embedded config behind `make run`: loopback, data under ./var, gate on this checkout."""
+    data = tomllib.loads(DEV_CONFIG_TOML)
+    if port is not None:
+        data["server"]["port"] = port
+    return from_mapping(data, "<built-in development config>", project_root)
+
+
+def ensure_data_dir(config: ReceiverConfig) -> None:
+    """Create data_dir if needed and prove it is writable; ConfigError otherwise."""
+    data_dir = config.storage.data_dir
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            config.source, "storage.data_dir", f"cannot create {data_dir}: {error.strerror}"
+        ) from None
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise ConfigError(config.source, "storage.data_dir", f"{data_dir} is not writable")
+
+
+DEV_CONFIG_TOML = """
+[server]
+host = "127.0.0.1"
+port = 8080
+
+[storage]
+data_dir = "var"
+max_upload_bytes = 8589934592
+min_free_bytes = 268435456
+validate = "tar"
+
+[version_gate]
+enabled = true
+repo_path = "."
+ref = "HEAD"
+window = 50
+refresh_seconds = 10
+
+[auth]
+mode = "none"
+"""

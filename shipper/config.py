@@ -1,0 +1,69 @@
+"""The shipper's configuration: TOML into frozen, typed objects.
+
+Key names and defaults are part of the product contract; each key is
+documented in etc/shipper.toml.example and docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+
+from episode_common.config_loading import ConfigError, convert, read_toml, resolve_path
+
+HostId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+Url = Annotated[str, Meta(pattern=r"^https?://[^\s/]+(/\S*)?$")]
+HeaderName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")]
+PositiveSeconds = Annotated[float, Meta(gt=0)]
+
+
+class RetryConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    base_seconds: PositiveSeconds = 1.0
+    max_seconds: PositiveSeconds = 600.0
+    digest_mismatch_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
+
+
+class RetentionConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    delete_after_days: Annotated[float, Meta(ge=0)] = 7.0
+
+
+class ShipperConfig(Struct, frozen=True, forbid_unknown_fields=True):
+    host_id: HostId
+    receiver_url: Url
+    spool_dir: Path
+    state_dir: Path
+    token_file: Path | None = None
+    settle_seconds: Annotated[float, Meta(ge=0)] = 10.0
+    concurrency: Annotated[int, Meta(ge=1, le=64)] = 2
+    commit_header: HeaderName = "X-Code-Commit"
+    zstd_level: Annotated[int, Meta(ge=1, le=22)] = 3
+    zstd_threads: Annotated[int, Meta(ge=0, le=256)] = 0
+    rescan_seconds: PositiveSeconds = 60.0
+    request_timeout_seconds: PositiveSeconds = 60.0
+    retry: RetryConfig = RetryConfig()
+    retention: RetentionConfig = RetentionConfig()
+    source: str = "<built-in>"
+
+
+def from_mapping(data: dict[str, Any], source: str, base: Path) -> ShipperConfig:
+    """Validate parsed TOML; relative paths are taken relative to base."""
+    if "source" in data:
+        raise ConfigError(source, "source", "unknown key")
+    config = convert(source, {**data, "source": source}, ShipperConfig)
+    if config.retry.max_seconds < config.retry.base_seconds:
+        raise ConfigError(source, "retry.max_seconds", "must be >= retry.base_seconds")
+    return msgspec.structs.replace(
+        config,
+        receiver_url=config.receiver_url.rstrip("/"),
+        spool_dir=resolve_path(base, config.spool_dir),
+        state_dir=resolve_path(base, config.state_dir),
+        token_file=None if config.token_file is None else resolve_path(base, config.token_file),
+    )
+
+
+def load_config(path: Path) -> ShipperConfig:
+    """Load the shipper's config file (relative paths: relative to the file's directory)."""
+    return from_mapping(read_toml(path), str(path), path.resolve().parent)

@@ -1,0 +1,16 @@
+"""`episode-backfill`: append index rows for stored tarballs that have none."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from episode_common.cli_support import fail
+
+PROG = "episode-backfill"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=PROG, description="append index rows for stored tarballs that have none".capitalize() + ".")
+    parser.parse_args(argv)
+    fail(PROG, "not available in this version yet")

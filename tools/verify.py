@@ -1,0 +1,16 @@
+"""`episode-verify`: audit the store against the index."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from episode_common.cli_support import fail
+
+PROG = "episode-verify"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=PROG, description="audit the store against the index".capitalize() + ".")
+    parser.parse_args(argv)
+    fail(PROG, "not available in this version yet")
