@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -38,7 +39,12 @@ def _join(path: str, field: str) -> str:
     return f"{path}.{field}" if path else field
 
 
-def explain_validation_error(source: str, error: msgspec.ValidationError) -> ConfigError:
+_ENUM = re.compile(r"^Invalid enum value (?P<got>.*)$")
+
+
+def explain_validation_error(
+    source: str, error: msgspec.ValidationError, root: type | None = None
+) -> ConfigError:
     """Turn msgspec's message into (key, problem) in the words of a config file."""
     text = str(error)
     path = ""
@@ -51,6 +57,11 @@ def explain_validation_error(source: str, error: msgspec.ValidationError) -> Con
         return ConfigError(source, _join(path, m.group("field")), "unknown key")
     if m := _MISSING.match(text):
         return ConfigError(source, _join(path, m.group("field")), "required key is missing")
+    if (m := _ENUM.match(text)) and root is not None and path:
+        choices = _field_choices(root, path)
+        if choices:
+            listed = ", ".join(f'"{choice}"' for choice in choices)
+            return ConfigError(source, path, f"expected one of {listed}, got {m.group('got')}")
     if m := _EXPECTED.match(text):
         what = _TYPE_WORDS.get(m.group("what"), m.group("what"))
         problem = f"expected {what}{m.group('rest')}"
@@ -71,18 +82,45 @@ _TYPE_WORDS = {
 }
 
 
-def _decode_hook(type_: type, obj: Any) -> Any:
-    if type_ is Path and isinstance(obj, str):
-        return Path(obj)
+def decode_hook(type_: type, obj: Any) -> Any:
+    if type_ is Path:
+        if isinstance(obj, str):
+            return Path(obj)
+        raise TypeError("expected a string (a path)")
     raise NotImplementedError
+
+
+def encode_hook(obj: Any) -> Any:
+    """Lets msgspec.json.encode write Paths (used to hand a config to worker processes)."""
+    if isinstance(obj, Path):
+        return str(obj)
+    raise NotImplementedError
+
+
+def _field_choices(root: type, dotted: str) -> tuple[str, ...] | None:
+    """The allowed values of a Literal-typed field, found by walking the Struct types."""
+    node: Any = root
+    for part in dotted.split("."):
+        try:
+            hints = typing.get_type_hints(node, include_extras=True)
+        except TypeError:
+            return None
+        if part not in hints:
+            return None
+        node = hints[part]
+        while typing.get_origin(node) is Annotated:
+            node = typing.get_args(node)[0]
+    if typing.get_origin(node) is Literal:
+        return tuple(str(arg) for arg in typing.get_args(node))
+    return None
 
 
 def convert(source: str, data: Mapping[str, Any], type_: type[T]) -> T:
     """Validate already-parsed TOML data against a Struct type."""
     try:
-        return msgspec.convert(data, type=type_, dec_hook=_decode_hook)
+        return msgspec.convert(data, type=type_, dec_hook=decode_hook)
     except msgspec.ValidationError as error:
-        raise explain_validation_error(source, error) from None
+        raise explain_validation_error(source, error, type_) from None
 
 
 def read_toml(path: Path) -> dict[str, Any]:

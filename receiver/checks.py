@@ -18,8 +18,15 @@ def check_gate_repo(config: ReceiverConfig) -> str | None:
         return f"{where}: {gate.repo_path} is not a directory"
     try:
         result = subprocess.run(
-            ["git", "-C", str(gate.repo_path), "rev-parse", "--verify", "--quiet",
-             f"{gate.ref}^{{commit}}"],
+            [
+                "git",
+                "-C",
+                str(gate.repo_path),
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                f"{gate.ref}^{{commit}}",
+            ],
             capture_output=True,
             timeout=gate.git_timeout_seconds,
             check=False,

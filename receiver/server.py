@@ -1,34 +1,52 @@
-"""Run the receiver under uvicorn: one process, or several workers sharing one data_dir."""
+"""Run the receiver under uvicorn: one process, or several workers sharing one data_dir.
+
+SIGTERM/SIGINT mean a graceful stop: uvicorn drains in-flight requests, the app's
+lifespan shuts down, and the process exits 0.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+from types import FrameType
 
 import msgspec
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
+from episode_common.config_loading import decode_hook, encode_hook
 from receiver.config import ReceiverConfig
 
 log = logging.getLogger(__name__)
 
 CONFIG_ENV = "EPISODE_RECEIVER_CONFIG_JSON"
+GRACEFUL_SHUTDOWN_SECONDS = 30
 
 
 def config_from_environment() -> ReceiverConfig:
     """Workers started by uvicorn's supervisor get the parent's resolved config this way."""
-    return msgspec.json.decode(os.environ[CONFIG_ENV], type=ReceiverConfig)
+    return msgspec.json.decode(os.environ[CONFIG_ENV], type=ReceiverConfig, dec_hook=decode_hook)
+
+
+def _note_signal(signum: int, frame: FrameType | None) -> None:
+    # uvicorn re-raises the signal that stopped it once it has shut down; with this
+    # handler in place that is a no-op and a graceful stop exits 0.
+    log.debug("received signal %d after shutdown", signum)
 
 
 def run_server(config: ReceiverConfig, log_level: str = "info") -> int:
     server = config.server
     url = f"http://{server.host}:{server.port}"
     log.info(
-        "serving on %s data_dir=%s workers=%d gate=%s", url, config.storage.data_dir,
-        server.workers, "on" if config.version_gate.enabled else "OFF",
+        "serving on %s data_dir=%s workers=%d gate=%s",
+        url,
+        config.storage.data_dir,
+        server.workers,
+        "on" if config.version_gate.enabled else "OFF",
     )
-    os.environ[CONFIG_ENV] = msgspec.json.encode(config).decode()
-    uvicorn.run(
+    os.environ[CONFIG_ENV] = msgspec.json.encode(config, enc_hook=encode_hook).decode()
+    uvicorn_config = uvicorn.Config(
         "receiver.app:app_from_environment",
         factory=True,
         host=server.host,
@@ -37,6 +55,13 @@ def run_server(config: ReceiverConfig, log_level: str = "info") -> int:
         log_level=log_level,
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
-    return 0
+    signal.signal(signal.SIGTERM, _note_signal)
+    signal.signal(signal.SIGINT, _note_signal)
+    if server.workers > 1:
+        Multiprocess(uvicorn_config, sockets=[uvicorn_config.bind_socket()]).run()
+        return 0
+    uvicorn_server = uvicorn.Server(uvicorn_config)
+    uvicorn_server.run()
+    return 0 if uvicorn_server.started else 1

@@ -8,9 +8,10 @@ from collections.abc import Sequence
 from episode_common.cli_support import fail
 
 PROG = "episode-backfill"
+DESCRIPTION = "Append index rows for stored tarballs that have none."
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=PROG, description="append index rows for stored tarballs that have none".capitalize() + ".")
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
     parser.parse_args(argv)
     fail(PROG, "not available in this version yet")

@@ -1,0 +1,165 @@
+"""The receiver's config layer: valid files, every kind of invalid one, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from episode_common.config_loading import ConfigError
+from receiver.config import GiB, dev_config, ensure_data_dir, load_config
+from shipper.config import load_config as load_shipper_config
+from tests.support import PROJECT_ROOT
+
+MINIMAL = '[storage]\ndata_dir = "data"\n[version_gate]\nrepo_path = "repo"\n'
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "receiver.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_configs_load_with_every_key() -> None:
+    receiver = load_config(PROJECT_ROOT / "etc" / "receiver.toml.example")
+    assert receiver.storage.data_dir == Path("/var/lib/episode-ingest")
+    assert receiver.version_gate.header == "X-Code-Commit"
+    assert receiver.version_gate.remediation.startswith("# This host's code is too old")
+    shipper = load_shipper_config(PROJECT_ROOT / "etc" / "shipper.toml.example")
+    assert shipper.host_id == "lab-07"
+    assert shipper.receiver_url == "http://ingest.lab.example:8080"
+
+
+def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.server.host == "127.0.0.1"
+    assert config.server.port == 8080
+    assert config.storage.max_upload_bytes == 64 * GiB
+    assert config.storage.validate == "tar"
+    assert config.version_gate.window == 100
+    assert config.auth.mode == "none"
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.storage.data_dir == tmp_path.resolve() / "data"
+    assert config.version_gate.repo_path == tmp_path.resolve() / "repo"
+
+
+def test_config_objects_are_frozen(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    with pytest.raises(AttributeError):
+        config.server.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        (MINIMAL + "[server]\nprot = 1\n", "server.prot", "unknown key"),
+        (MINIMAL + "colour = 1\n", "version_gate.colour", "unknown key"),
+        ("source = 'x'\n" + MINIMAL, "source", "unknown key"),
+        (MINIMAL + "[server]\nport = '80'\n", "server.port", "expected an integer, got a string"),
+        (MINIMAL + "[server]\nport = 70000\n", "server.port", "expected an integer <= 65535"),
+        (MINIMAL + "[server]\nport = 1.5\n", "server.port", "expected an integer, got a number"),
+        ("[server]\nport = 1\n", "storage", "required key is missing"),
+        ("[storage]\n", "storage.data_dir", "required key is missing"),
+        (MINIMAL.replace('"repo"', "1"), "version_gate.repo_path", "expected a string"),
+        (MINIMAL + "window = 0\n", "version_gate.window", "expected an integer >= 1"),
+        (
+            MINIMAL.replace('data_dir = "data"', 'data_dir = "d"\nvalidate = "full"'),
+            "storage.validate",
+            "expected one of",
+        ),
+        ('[storage]\ndata_dir = "d"\n', "version_gate.repo_path", "required when"),
+        (MINIMAL + "[auth]\nmode = 'tokens'\n", "auth.tokens_file", "required when"),
+        (
+            MINIMAL + "refresh_seconds = 0\n",
+            "version_gate.refresh_seconds",
+            "expected a number > 0",
+        ),
+    ],
+)
+def test_invalid_configs_name_the_key_and_the_expectation(
+    tmp_path: Path, text: str, key: str, problem: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.key == key
+    assert problem in caught.value.problem
+    assert str(caught.value).startswith(f"{path}: {key}: ")
+
+
+def test_invalid_toml_reports_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "\n[server\nport = 1\n")
+    with pytest.raises(ConfigError, match=r"invalid TOML: .*line 6"):
+        load_config(path)
+
+
+def test_missing_and_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.toml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    binary = write(tmp_path, "")
+    binary.write_bytes(b"\xff\xfe[server]")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(binary)
+
+
+def test_data_dir_that_cannot_be_created(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    path = write(tmp_path, MINIMAL.replace('"data"', '"a-file/data"'))
+    with pytest.raises(ConfigError, match=r"storage\.data_dir: cannot create"):
+        ensure_data_dir(load_config(path))
+
+
+def test_dev_config_points_at_the_checkout_and_var(tmp_path: Path) -> None:
+    config = dev_config(tmp_path, port=9999)
+    assert config.server.host == "127.0.0.1"
+    assert config.server.port == 9999
+    assert config.storage.data_dir == tmp_path / "var"
+    assert config.version_gate.repo_path == tmp_path
+    assert config.auth.mode == "none"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "receiver", *args], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_cli_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "[server]\nport = 'eighty'\n")
+    for command in ("serve", "check-config"):
+        result = run_cli(command, "--config", str(path))
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert "server.port" in lines[0] and str(path) in lines[0]
+        assert "Traceback" not in result.stderr
+
+
+def test_cli_serve_with_unwritable_data_dir_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    path = write(tmp_path, MINIMAL.replace('"data"', '"a-file/data"'))
+    result = run_cli("serve", "--config", str(path))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "storage.data_dir" in result.stderr
+
+
+def test_check_config_checks_the_gate_repository(tmp_path: Path, repo: Path) -> None:
+    path = write(tmp_path, MINIMAL.replace('"repo"', f'"{repo}"'))
+    assert run_cli("check-config", "--config", str(path)).returncode == 0
+    (tmp_path / "not-a-repo").mkdir()
+    path = write(tmp_path, MINIMAL.replace('"repo"', '"not-a-repo"'))
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 2
+    assert "not a git repository" in result.stderr
+    path = write(tmp_path, MINIMAL.replace('"repo"', f'"{repo}"') + 'ref = "no-such-branch"\n')
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 2
+    assert "version_gate.ref" in result.stderr

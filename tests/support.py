@@ -1,0 +1,172 @@
+"""Helpers shared by the tests: real git repositories, real receiver processes, tarballs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import tomli_w
+
+try:
+    from compression import zstd  # type: ignore[import-not-found,unused-ignore]
+except ImportError:
+    from backports import zstd  # type: ignore[no-redef,unused-ignore]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "Test Author",
+    "GIT_AUTHOR_EMAIL": "author@example.invalid",
+    "GIT_COMMITTER_NAME": "Test Committer",
+    "GIT_COMMITTER_EMAIL": "committer@example.invalid",
+}
+
+
+def git(repo: Path, *args: str) -> str:
+    env = {**os.environ, **GIT_IDENTITY}
+    result = subprocess.run(
+        ["git", "-C", str(repo), *args], env=env, capture_output=True, text=True, check=True
+    )
+    return result.stdout.strip()
+
+
+def make_repo(path: Path, commits: int = 3) -> list[str]:
+    """A real git repository with `commits` empty commits; returns ids, newest first."""
+    path.mkdir(parents=True, exist_ok=True)
+    git(path, "init", "-q", "-b", "main")
+    for _ in range(commits):
+        add_commit(path)
+    return head_commits(path, commits)
+
+
+def add_commit(repo: Path, message: str = "change") -> str:
+    git(repo, "commit", "-q", "--allow-empty", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
+def head_commits(repo: Path, count: int) -> list[str]:
+    return git(repo, "log", "--format=%H", "-n", str(count)).split()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def write_toml(path: Path, data: Mapping[str, Any]) -> Path:
+    path.write_text(tomli_w.dumps(dict(data)))
+    return path
+
+
+def receiver_config(
+    tmp: Path, repo: Path | None, port: int | None = None, **sections: dict[str, Any]
+) -> dict[str, Any]:
+    """A receiver config dict: loopback, data under tmp/data, gate on repo; sections override."""
+    config: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": port or free_port()},
+        "storage": {"data_dir": str(tmp / "data"), "min_free_bytes": 0},
+        "version_gate": {"window": 5, "refresh_seconds": 1.0},
+    }
+    if repo is not None:
+        config["version_gate"]["repo_path"] = str(repo)
+    else:
+        config["version_gate"]["enabled"] = False
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    return config
+
+
+class ReceiverProcess:
+    """A real `python -m receiver serve` on 127.0.0.1, its log captured to a file."""
+
+    def __init__(self, config_path: Path, env: Mapping[str, str] | None = None) -> None:
+        self.config_path = config_path
+        with config_path.open("rb") as handle:
+            import tomllib
+
+            config = tomllib.load(handle)
+        self.port: int = config["server"]["port"]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = config_path.with_suffix(".log")
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> ReceiverProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "receiver", "serve", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=PROJECT_ROOT,
+        )
+        log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"receiver exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"receiver not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+def make_tarball(commit: str | None, files: Mapping[str, bytes] | None = None) -> bytes:
+    """A valid episode .tar.zst with meta.json (code_version.commit) and data files."""
+    raw = io.BytesIO()
+    members: dict[str, bytes] = {}
+    if commit is not None:
+        members["meta.json"] = json.dumps({"code_version": {"commit": commit}}).encode()
+    members.update(files or {"data/obs.bin": os.urandom(1024)})
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(content))
+    options = {zstd.CompressionParameter.checksum_flag: 1}
+    compressed: bytes = zstd.compress(raw.getvalue(), options=options)
+    return compressed
