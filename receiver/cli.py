@@ -68,6 +68,7 @@ def _load(args: argparse.Namespace) -> ReceiverConfig:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import msgspec
 
+    from receiver.recovery import StartupError
     from receiver.server import run_server
 
     config = _load(args)
@@ -87,7 +88,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as error:
         fail(PROG, f"config: {error}")
     setup_logging(args.log_level)
-    return run_server(config, log_level=args.log_level)
+    try:
+        return run_server(config, log_level=args.log_level)
+    except StartupError as error:
+        fail(PROG, str(error))
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

@@ -51,10 +51,6 @@ class DigestMismatch(IngestError):
     code = "digest-mismatch"
 
 
-class InvalidDigestHeader(IngestError):
-    code = "invalid-digest-header"
-
-
 class InvalidTarball(IngestError):
     code = "invalid-tarball"
 

@@ -17,6 +17,7 @@ from uvicorn.supervisors import Multiprocess
 
 from episode_common.config_loading import decode_hook, encode_hook
 from receiver.config import ReceiverConfig
+from receiver.recovery import recover, take_instance_lock
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,16 @@ def _note_signal(signum: int, frame: FrameType | None) -> None:
 
 
 def run_server(config: ReceiverConfig, log_level: str = "info") -> int:
+    """Recover, then serve until SIGTERM. Raises StartupError for a one-line failure."""
+    instance_lock = take_instance_lock(config)
+    try:
+        recover(config)
+        return _serve(config, log_level)
+    finally:
+        os.close(instance_lock)
+
+
+def _serve(config: ReceiverConfig, log_level: str) -> int:
     server = config.server
     url = f"http://{server.host}:{server.port}"
     log.info(

@@ -1,0 +1,281 @@
+"""The catalogue: index.jsonl, one sorted-key JSON row per stored episode.
+
+Exactly one row per (host, episode): every writer catches up on rows appended
+by other processes and checks for an existing row under an inter-process lock
+(flock on index.jsonl.lock), then appends with one write and fsync. A torn last
+line (a writer died mid-append) is cut off, kept in a side file, before anyone
+appends after it. Readers consume complete lines only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+
+from episode_common.durable import fsync_dir
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+class IndexRow(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One catalogue row. Fields are declared in sorted order so rows are written key-sorted."""
+
+    backfilled: bool = False
+    commit: str | None = None
+    episode_id: str
+    host_id: str
+    received_at_wall: str
+    schema_version: int
+    sha256: str
+    size_bytes: int
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.host_id, self.episode_id)
+
+
+def new_row(
+    host_id: str,
+    episode_id: str,
+    sha256: str,
+    size_bytes: int,
+    commit: str | None,
+    *,
+    backfilled: bool = False,
+) -> IndexRow:
+    return IndexRow(
+        backfilled=backfilled,
+        commit=commit,
+        episode_id=episode_id,
+        host_id=host_id,
+        received_at_wall=dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
+        schema_version=SCHEMA_VERSION,
+        sha256=sha256,
+        size_bytes=size_bytes,
+    )
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(IndexRow)
+
+
+def encode_row(row: IndexRow) -> bytes:
+    return _encoder.encode(row) + b"\n"
+
+
+def decode_row(line: bytes) -> IndexRow:
+    """Raises msgspec.DecodeError / ValidationError for a line that is not a row."""
+    return _decoder.decode(line)
+
+
+class IndexCorrupt(Exception):
+    """A complete line in the middle of the index is not a row; a person must look."""
+
+
+class DurabilityError(Exception):
+    """fsync (or the write before it) failed: what is on disk is unknown, so stop."""
+
+
+class CatalogueIndex(Protocol):
+    """The seam for catalogue backends (jsonl today; a shared database later)."""
+
+    def refresh(self) -> None: ...
+    def lookup(self, host_id: str, episode_id: str) -> IndexRow | None: ...
+    def append_if_absent(self, row: IndexRow) -> tuple[IndexRow, bool]: ...
+    def rows(self) -> Iterator[IndexRow]: ...
+    def __len__(self) -> int: ...
+
+
+class JsonlIndex:
+    """index.jsonl with an in-memory view, shared safely by several processes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock_path = path.with_name(path.name + ".lock")
+        self._view: dict[tuple[str, str], IndexRow] = {}
+        self._offset = 0
+        self._inode: int | None = None
+        self._skipped_lines = 0
+        # One thread at a time catches up or appends; other processes are kept out by flock.
+        self._mutex = threading.Lock()
+
+    # -- reading -----------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def lookup(self, host_id: str, episode_id: str) -> IndexRow | None:
+        return self._view.get((host_id, episode_id))
+
+    def rows(self) -> Iterator[IndexRow]:
+        return iter(list(self._view.values()))
+
+    def load(self, *, strict: bool = True) -> None:
+        """Read the whole file. strict: a corrupt complete line raises IndexCorrupt."""
+        with self._mutex:
+            self._view.clear()
+            self._offset = 0
+            self._inode = None
+            self._catch_up(strict=strict)
+
+    def refresh(self) -> None:
+        """Pick up rows appended by other processes since the last look."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return
+        if stat.st_size == self._offset and stat.st_ino == self._inode:
+            return
+        with self._mutex:
+            self._catch_up(strict=False)
+
+    def _catch_up(self, *, strict: bool) -> None:
+        try:
+            handle = self.path.open("rb")
+        except FileNotFoundError:
+            return
+        with handle:
+            stat = os.fstat(handle.fileno())
+            if self._inode is not None and stat.st_ino != self._inode:
+                # Replaced (e.g. restored from backup): start over.
+                log.warning("index %s was replaced; reloading it", self.path)
+                self._view.clear()
+                self._offset = 0
+            self._inode = stat.st_ino
+            handle.seek(self._offset)
+            data = handle.read(max(0, stat.st_size - self._offset))
+        end = data.rfind(b"\n") + 1  # only complete lines; a torn tail waits
+        line_start = 0
+        for raw in data[:end].splitlines(keepends=True):
+            try:
+                row = decode_row(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError) as error:
+                line_number = self._count_lines_before(self._offset + line_start) + 1
+                if strict:
+                    raise IndexCorrupt(
+                        f"{self.path}: line {line_number} is not an index row ({error}); "
+                        "move the line aside or restore the index, then start again"
+                    ) from None
+                self._skipped_lines += 1
+                log.error("index line %d is not a row, skipped: %s", line_number, error)
+            else:
+                self._view.setdefault(row.key, row)
+            line_start += len(raw)
+        self._offset += end
+
+    def _count_lines_before(self, offset: int) -> int:
+        with self.path.open("rb") as handle:
+            return handle.read(offset).count(b"\n")
+
+    # -- writing -----------------------------------------------------------------
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """The inter-process write lock; every writer (receiver workers, backfill) takes it."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def repair_torn_tail(self) -> int:
+        """Cut an incomplete last line (keeping a copy beside the index). Call under locked()."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return 0
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return 0
+            keep = _end_of_last_complete_line(fd, size)
+            if keep == size:
+                return 0
+            torn = os.pread(fd, size - keep, keep)
+            stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+            side = self.path.with_name(f"{self.path.name}.torn-{stamp}")
+            side.write_bytes(torn)
+            side_fd = os.open(side, os.O_RDONLY)
+            try:
+                os.fsync(side_fd)
+            finally:
+                os.close(side_fd)
+            os.ftruncate(fd, keep)
+            os.fsync(fd)
+            fsync_dir(self.path.parent)
+            log.warning(
+                "index had a torn last line (%d bytes); cut it off, copy kept in %s",
+                size - keep,
+                side,
+            )
+            return size - keep
+        finally:
+            os.close(fd)
+
+    def append_if_absent(self, row: IndexRow) -> tuple[IndexRow, bool]:
+        """Append row unless (host, episode) has one; returns (the row in force, appended?)."""
+        line = encode_row(row)
+        with self._mutex, self.locked():
+            self._catch_up(strict=False)
+            existing = self._view.get(row.key)
+            if existing is not None:
+                return existing, False
+            self.repair_torn_tail()
+            self._append_line(line)
+            self._view[row.key] = row
+            return row, True
+
+    def _append_line(self, line: bytes) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        created = False
+        try:
+            before = os.fstat(fd).st_size
+            created = before == 0 and self._inode is None
+            try:
+                written = os.write(fd, line)
+                if written != len(line):
+                    raise OSError(f"short write to index ({written} of {len(line)} bytes)")
+            except OSError as error:
+                # Never leave half a row behind for a reader to misread.
+                try:
+                    os.ftruncate(fd, before)
+                except OSError:
+                    log.critical("could not cut a failed append off %s", self.path)
+                raise DurabilityError(f"append to {self.path} failed: {error}") from error
+            try:
+                os.fsync(fd)
+            except OSError as error:
+                raise DurabilityError(f"fsync of {self.path} failed: {error}") from error
+            stat = os.fstat(fd)
+            self._inode = stat.st_ino
+            self._offset = before + len(line) if before == self._offset else self._offset
+        finally:
+            os.close(fd)
+        if created:
+            fsync_dir(self.path.parent)
+
+
+def _end_of_last_complete_line(fd: int, size: int) -> int:
+    """Offset just past the last newline in the file (0 if none)."""
+    position = size
+    block = 64 * 1024
+    while position > 0:
+        start = max(0, position - block)
+        chunk = os.pread(fd, position - start, start)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        position = start
+    return 0

@@ -1,0 +1,310 @@
+"""Upload orchestration: the contract's checks in order, then the durable store path.
+
+Order: ids, commit header, already stored (200/409 by content), window
+(412/503), size (413), disk (507), body (digest, tarball, meta.json). A
+rejection leaves nothing behind; 201 is returned only after the tarball is
+fsynced, linked into place, its directory fsynced and its index row fsynced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from receiver.config import ReceiverConfig
+from receiver.digests import format_digest, parse_content_digest
+from receiver.errors import (
+    CommitMismatch,
+    DigestMismatch,
+    IngestError,
+    InsufficientStorage,
+    InvalidTarball,
+    TooLarge,
+    UploadInFlight,
+)
+from receiver.gate import GateVerdict, VersionGate
+from receiver.ids import check_id, normalise_commit
+from receiver.index import DurabilityError, IndexRow, JsonlIndex, new_row
+from receiver.locks import EpisodeLocks
+from receiver.pipeline import BodySink, ensure_free_space
+from receiver.store import FilesystemStore, TempBlob
+from receiver.tarcheck import StreamValidator, read_meta_commit
+
+log = logging.getLogger(__name__)
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass
+class Reply:
+    status_code: int
+    body: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UploadHeaders:
+    commit: str | None
+    content_length: int | None
+    content_digest: str | None
+
+
+class Ingestor:
+    def __init__(
+        self,
+        config: ReceiverConfig,
+        gate: VersionGate,
+        store: FilesystemStore,
+        index: JsonlIndex,
+        locks: EpisodeLocks,
+        on_fatal: Callable[[str], NoReturn],
+    ) -> None:
+        self.config = config
+        self.gate = gate
+        self.store = store
+        self.index = index
+        self.locks = locks
+        self._on_fatal = on_fatal
+
+    # -- PUT ---------------------------------------------------------------------
+
+    async def put(
+        self, host_id: str, episode_id: str, headers: UploadHeaders, body: AsyncIterator[bytes]
+    ) -> Reply:
+        check_id("host_id", host_id)
+        check_id("episode_id", episode_id)
+        commit = self.gate.parse_header(headers.commit)
+        declared = parse_content_digest(headers.content_digest)
+        if not self.locks.try_acquire(host_id, episode_id):
+            raise UploadInFlight(
+                "another upload of this episode is in progress", headers={"Retry-After": "2"}
+            )
+        try:
+            stored = await self._stored_row(host_id, episode_id)
+            if stored is not None:
+                return await self._answer_stored(stored, declared, body)
+            verdict = await self.gate.check(commit)
+            self._check_size_and_space(headers.content_length)
+            return await self._receive(host_id, episode_id, commit, verdict, declared, body)
+        finally:
+            self.locks.release(host_id, episode_id)
+
+    def _check_size_and_space(self, content_length: int | None) -> None:
+        storage = self.config.storage
+        if content_length is not None and content_length > storage.max_upload_bytes:
+            raise TooLarge(
+                f"Content-Length {content_length} exceeds max_upload_bytes "
+                f"({storage.max_upload_bytes})"
+            )
+        ensure_free_space(self.store.free_bytes(), content_length or 0, storage.min_free_bytes)
+
+    async def _receive(
+        self,
+        host_id: str,
+        episode_id: str,
+        commit: str | None,
+        verdict: GateVerdict,
+        declared: str | None,
+        body: AsyncIterator[bytes],
+    ) -> Reply:
+        storage = self.config.storage
+        blob: TempBlob = await asyncio.to_thread(
+            self.store.create_temp, host_id, episode_id, commit
+        )
+        validator = StreamValidator(storage) if storage.validate != "none" else None
+        sink = BodySink(blob.fd, validator, storage.max_upload_bytes, self._space_check)
+        try:
+            try:
+                async for chunk in body:
+                    await sink.write(chunk)
+                    failed = sink.validation_failed()
+                    if failed is not None:
+                        raise failed
+                sha256, summary = await sink.finish()
+            except OSError as error:
+                if error.errno in _NO_SPACE:
+                    raise InsufficientStorage(
+                        "the disk filled up during the upload", headers={"Retry-After": "60"}
+                    ) from error
+                raise
+            if declared is not None and declared != sha256:
+                raise DigestMismatch(
+                    f"Content-Digest says sha-256 {declared}, the body has {sha256}"
+                )
+            recorded = self._reconcile_commit(commit, summary.meta_commit if summary else None)
+            try:
+                installed = await asyncio.to_thread(self.store.install, blob)
+            except OSError as error:
+                self._on_fatal(f"fsync/link of {blob.path} failed: {error}")
+        except BaseException:
+            await sink.abort()
+            await asyncio.to_thread(self.store.discard, blob)
+            raise
+        if not installed:
+            # Stored meanwhile by a writer that does not take our lock (a second receiver).
+            await asyncio.to_thread(self.store.discard, blob)
+            stored = await self._stored_row(host_id, episode_id)
+            assert stored is not None
+            return self._by_content(stored, sha256)
+        row = new_row(host_id, episode_id, sha256, sink.size, recorded)
+        try:
+            row, _appended = await asyncio.to_thread(self.index.append_if_absent, row)
+        except DurabilityError as error:
+            self._on_fatal(str(error))
+        await asyncio.to_thread(self.store.forget_temp, blob)
+        log.info(
+            "stored host=%s episode=%s bytes=%d sha256=%s commit=%s behind_by=%s",
+            host_id,
+            episode_id,
+            sink.size,
+            sha256,
+            recorded,
+            verdict.behind_by,
+        )
+        reply = Reply(
+            201,
+            {
+                "status": "stored",
+                "host_id": host_id,
+                "episode_id": episode_id,
+                "sha256": row.sha256,
+                "size_bytes": row.size_bytes,
+                "commit": row.commit,
+                "behind_by": verdict.behind_by,
+            },
+        )
+        _add_warning(reply, verdict)
+        return reply
+
+    def _space_check(self, needed: int) -> None:
+        storage = self.config.storage
+        ensure_free_space(self.store.free_bytes(), needed, storage.min_free_bytes)
+
+    @staticmethod
+    def _reconcile_commit(header: str | None, meta_value: str | None) -> str | None:
+        """The commit to record; meta.json must agree with the header when both exist."""
+        if meta_value is None:
+            return header
+        meta = normalise_commit(meta_value)
+        if meta is None:
+            raise InvalidTarball(f"meta.json code_version.commit {meta_value!r} is not a commit id")
+        if header is not None and meta != header:
+            raise CommitMismatch(
+                f"meta.json code_version.commit is {meta}, the header says {header}"
+            )
+        return meta
+
+    # -- already stored ------------------------------------------------------------
+
+    async def _stored_row(self, host_id: str, episode_id: str) -> IndexRow | None:
+        """The row of a stored episode, repairing a missing row for a stored file."""
+        await asyncio.to_thread(self.index.refresh)
+        row = self.index.lookup(host_id, episode_id)
+        if row is not None:
+            return row
+        if not await asyncio.to_thread(self.store.exists, host_id, episode_id):
+            return None
+        return await asyncio.to_thread(self._repair_row, host_id, episode_id)
+
+    def _repair_row(self, host_id: str, episode_id: str) -> IndexRow:
+        """A stored file with no row (a crash between install and append): index it now."""
+        sha256, size = self.store.digest(host_id, episode_id)
+        commit = None
+        if self.config.storage.validate == "tar":
+            try:
+                with self.store.final_path(host_id, episode_id).open("rb") as handle:
+                    commit = normalise_commit(read_meta_commit(handle, self.config.storage) or "")
+            except IngestError:
+                commit = None
+        row = new_row(host_id, episode_id, sha256, size, commit, backfilled=True)
+        try:
+            row, appended = self.index.append_if_absent(row)
+        except DurabilityError as error:
+            self._on_fatal(str(error))
+        if appended:
+            log.warning("indexed stored file that had no row: host=%s episode=%s", *row.key)
+        return row
+
+    async def _answer_stored(
+        self, stored: IndexRow, declared: str | None, body: AsyncIterator[bytes]
+    ) -> Reply:
+        if declared is not None:
+            return self._by_content(stored, declared)
+        sink = BodySink(None, None, self.config.storage.max_upload_bytes)
+        try:
+            async for chunk in body:
+                await sink.write(chunk)
+            sha256, _ = await sink.finish()
+        except BaseException:
+            await sink.abort()
+            raise
+        return self._by_content(stored, sha256)
+
+    @staticmethod
+    def _by_content(stored: IndexRow, sha256: str) -> Reply:
+        if sha256 == stored.sha256:
+            return Reply(
+                200,
+                {
+                    "status": "already-present",
+                    "host_id": stored.host_id,
+                    "episode_id": stored.episode_id,
+                    "sha256": stored.sha256,
+                    "size_bytes": stored.size_bytes,
+                    "commit": stored.commit,
+                },
+            )
+        return Reply(
+            409,
+            {
+                "error": "conflict",
+                "detail": "this id is stored with different content; nothing was overwritten",
+                "stored_sha256": stored.sha256,
+            },
+        )
+
+    # -- HEAD and GET /gate ----------------------------------------------------------
+
+    async def head(self, host_id: str, episode_id: str, commit_value: str | None) -> Reply:
+        check_id("host_id", host_id)
+        check_id("episode_id", episode_id)
+        stored = await self._stored_row(host_id, episode_id)
+        if stored is not None:
+            return Reply(
+                200,
+                headers={
+                    "Repr-Digest": format_digest(stored.sha256),
+                    "X-Episode-Size": str(stored.size_bytes),
+                },
+            )
+        if commit_value is None:
+            return Reply(404)
+        verdict = await self.gate.check(self.gate.parse_header(commit_value))
+        reply = Reply(404)
+        _add_warning(reply, verdict)
+        return reply
+
+    async def gate_answer(self, commit_value: str) -> Reply:
+        verdict = await self.gate.check(self.gate.parse_header(commit_value))
+        reply = Reply(
+            200,
+            {
+                "status": "accepted",
+                "commit": verdict.commit,
+                "behind_by": verdict.behind_by,
+                "window": verdict.window,
+                "head_commit": verdict.head_commit,
+            },
+        )
+        _add_warning(reply, verdict)
+        return reply
+
+
+def _add_warning(reply: Reply, verdict: GateVerdict) -> None:
+    if verdict.warning is not None:
+        reply.body["warning"] = verdict.warning
+        reply.headers["X-Commit-Behind-By"] = str(verdict.behind_by)
