@@ -172,9 +172,12 @@ def create_app(config: ReceiverConfig) -> Starlette:
         Route("/gate/{commit}", gate_answer, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}
     )
+    # A path that matches no route is an error, not a redirect to a look-alike.
+    app.router.redirect_slashes = False
+    return app
 
 
 def app_from_environment() -> Starlette:
