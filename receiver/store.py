@@ -131,6 +131,9 @@ class FilesystemStore:
                 removed += 1
                 continue
             for temp in sorted(host_dir.iterdir()):
+                if not temp.is_file() or temp.is_symlink():
+                    log.warning("leaving %s alone: not a temp file of ours", temp)
+                    continue
                 parsed = _parse_temp_name(temp.name)
                 final = self.final_path(host_dir.name, parsed[0]) if parsed else None
                 if parsed and final is not None and _same_file(temp, final):

@@ -1,0 +1,1 @@
+"""Benchmarks: each product figure next to a baseline measured in the same run."""
