@@ -1,0 +1,379 @@
+"""Validate an uploaded .tar.zst while it streams in: zstd integrity, safe tar members, meta.json.
+
+Memory stays at a few MiB plus the zstd window (capped by max_window_bytes) whatever the
+input: output is decompressed in bounded pieces, counted against max_unpacked_bytes, and
+only meta.json (at most 1 MiB) is ever held whole. Raises InvalidTarball with a short detail.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from receiver.config import StorageConfig
+from receiver.errors import InvalidTarball
+
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
+
+PIECE_BYTES = 1 << 20  # decompressed bytes per decompress() call
+META_MAX_BYTES = 1 << 20
+READ_BYTES = 1 << 20  # read_meta_commit's read size
+# Each frame costs a fresh decompressor (~15 us): bound frames by output so that a body of
+# empty or skippable frames cannot buy minutes of CPU; real packers emit one or a few frames.
+FRAME_ALLOWANCE = 1000
+BYTES_PER_FRAME = 64 * 1024
+_KINDS = {
+    tarfile.SYMTYPE: "symlink",
+    tarfile.LNKTYPE: "hardlink",
+    tarfile.CHRTYPE: "character device",
+    tarfile.BLKTYPE: "block device",
+    tarfile.FIFOTYPE: "FIFO",
+}
+
+
+@dataclass(frozen=True)
+class TarSummary:
+    meta_commit: str | None  # code_version.commit as found; None unless validate = "tar"
+    members: int
+    unpacked_bytes: int
+
+
+class _Aborted(Exception):
+    """The validator was aborted; the worker unwinds without a verdict."""
+
+
+class _BadMeta(InvalidTarball):
+    """meta.json is there but unusable: read_meta_commit answers None instead."""
+
+
+class _Inflater:
+    """Decompressed pieces of a zstd stream of one or more frames, checked for truncation."""
+
+    def __init__(
+        self, chunks: Iterable[bytes], storage: StorageConfig, stop: threading.Event | None = None
+    ) -> None:
+        self._chunks = chunks
+        self._limit = storage.max_unpacked_bytes
+        self._window = storage.max_window_bytes
+        window_log = self._window.bit_length() - 1  # floor(log2): never above the cap
+        self._options: dict[int, int] = {zstd.DecompressionParameter.window_log_max: window_log}
+        self._stop = stop
+        self.produced = 0
+
+    def pieces(self) -> Iterator[bytes]:
+        decompressor: zstd.ZstdDecompressor | None = None
+        frames = 0
+        for chunk in self._chunks:
+            data = chunk
+            # A decompressor that stopped at max_length holds pending output: keep calling it
+            # with no new input until it asks for more, so no piece exceeds PIECE_BYTES.
+            while data or (decompressor is not None and not decompressor.needs_input):
+                if self._stop is not None and self._stop.is_set():
+                    raise _Aborted
+                if decompressor is None:
+                    decompressor = zstd.ZstdDecompressor(options=self._options)
+                try:
+                    piece = decompressor.decompress(data, PIECE_BYTES)
+                except zstd.ZstdError as error:
+                    raise InvalidTarball(self._describe(error)) from None
+                data = b""
+                if piece:
+                    self.produced += len(piece)
+                    if self.produced > self._limit:
+                        raise InvalidTarball(f"decompressed size exceeds {self._limit} bytes")
+                    yield piece
+                if decompressor.eof:  # the next frame (or a skippable one) starts right here
+                    frames += 1
+                    if frames > FRAME_ALLOWANCE + self.produced // BYTES_PER_FRAME:
+                        raise InvalidTarball(
+                            f"zstd: {frames} frames for {self.produced} bytes of output"
+                        )
+                    data = decompressor.unused_data
+                    decompressor = None
+        if decompressor is not None:
+            raise InvalidTarball("truncated zstd stream")
+        if frames == 0:
+            raise InvalidTarball("empty body: no zstd frame")
+
+    def _describe(self, error: zstd.ZstdError) -> str:
+        reason = str(error).removeprefix("Unable to decompress Zstandard data: ")
+        if "too much memory" in reason:  # libzstd's wording for a window above window_log_max
+            return f"zstd: window larger than max_window_bytes ({self._window})"
+        return f"zstd: {reason[:1].lower()}{reason[1:]}"
+
+
+class _ForwardReader:
+    """A forward-only file over decompressed pieces for tarfile; seek() skips without copying."""
+
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self._pieces = pieces
+        self._view = memoryview(b"")
+        self._pos = 0
+
+    def _fill(self) -> bool:
+        piece = next(self._pieces, None)
+        if piece is None:
+            return False
+        self._view = memoryview(piece)
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            raise io.UnsupportedOperation("unbounded read")  # tarfile always passes a size
+        parts: list[memoryview] = []
+        while size > 0 and (self._view or self._fill()):
+            part = self._view[:size]
+            self._view = self._view[len(part) :]
+            parts.append(part)
+            size -= len(part)
+        data = b"".join(parts)
+        self._pos += len(data)
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != io.SEEK_SET or pos < self._pos:
+            raise tarfile.ReadError("seeking backwards is not allowed")  # as in mode "r|"
+        # Stops at the end of data; tarfile then sees a short read and says so.
+        while self._pos < pos and (self._view or self._fill()):
+            step = min(pos - self._pos, len(self._view))
+            self._view = self._view[step:]
+            self._pos += step
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def write(self, data: bytes) -> int:
+        raise io.UnsupportedOperation("read-only stream")
+
+    def close(self) -> None:
+        pass
+
+    def drain(self) -> None:
+        """Decompress the rest, so that damage after the tar's end is still detected."""
+        self._view = memoryview(b"")
+        for _ in self._pieces:
+            pass
+
+
+class _TarWalk(tarfile.TarFile):
+    # Undocumented but stable: next() appends every TarInfo here; we empty it as we go.
+    members: list[tarfile.TarInfo]
+
+
+def _is_meta(name: str) -> bool:
+    return [part for part in name.split("/") if part not in ("", ".")] == ["meta.json"]
+
+
+def _check_member(info: tarfile.TarInfo) -> None:
+    name = info.name
+    if not name:
+        raise InvalidTarball("member with an empty name")
+    if name.startswith("/"):
+        raise InvalidTarball(f"member {name!r} is an absolute path")
+    if ".." in name.split("/"):
+        raise InvalidTarball(f"member {name!r} escapes the archive")
+    if not (info.isreg() or info.isdir()):
+        kind = _KINDS.get(info.type, f"special member (type {info.type.decode(errors='replace')})")
+        raise InvalidTarball(f"member {name!r} is a {kind}; only files and directories allowed")
+
+
+def _meta_commit(tar: _TarWalk, info: tarfile.TarInfo) -> str:
+    if not info.isreg():
+        raise _BadMeta("meta.json is not a regular file")
+    if info.size > META_MAX_BYTES:
+        raise _BadMeta("meta.json is larger than 1 MiB")
+    member = tar.extractfile(info)
+    raw = member.read() if member is not None else b""  # zstd/tar errors: not _BadMeta
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise _BadMeta("meta.json is not valid JSON") from None
+    version = meta.get("code_version") if isinstance(meta, dict) else None
+    commit = version.get("commit") if isinstance(version, dict) else None
+    if not isinstance(commit, str):
+        raise _BadMeta("meta.json has no code_version.commit")
+    return commit
+
+
+def _walk(
+    reader: _ForwardReader, storage: StorageConfig, *, strict: bool
+) -> tuple[str | None, int]:
+    """(meta.json's commit, member count). strict: vet every member and require one meta.json;
+    otherwise stop at the first meta.json, answering None when there is none or it is unusable."""
+    commit: str | None = None
+    members = 0
+    seen_meta = False
+    try:
+        # "r:" rather than "r|": stream mode skips member data in 10 KiB reads and copies;
+        # "r:" seeks, and _ForwardReader.seek drops whole pieces. Neither ever seeks back.
+        tar = _TarWalk.open(fileobj=reader, mode="r:")
+        while (info := tar.next()) is not None:
+            tar.members.clear()  # a million kept TarInfos would not be bounded memory
+            members += 1
+            if strict:
+                if members > storage.max_members:
+                    raise InvalidTarball(f"more than {storage.max_members} members")
+                _check_member(info)
+            if not _is_meta(info.name):
+                continue
+            if seen_meta:
+                raise InvalidTarball("more than one meta.json")
+            seen_meta = True
+            try:
+                commit = _meta_commit(tar, info)
+            except _BadMeta:
+                if strict:
+                    raise
+            if not strict:
+                return commit, members
+    except tarfile.TarError as error:
+        raise InvalidTarball(f"tar: {error}") from None
+    if strict and not seen_meta:
+        raise InvalidTarball("no meta.json")
+    return commit, members
+
+
+def _validate(
+    chunks: Iterable[bytes], storage: StorageConfig, stop: threading.Event | None = None
+) -> TarSummary:
+    inflater = _Inflater(chunks, storage, stop)
+    reader = _ForwardReader(inflater.pieces())
+    commit, members = None, 0
+    if storage.validate == "tar":
+        commit, members = _walk(reader, storage, strict=True)
+    reader.drain()
+    return TarSummary(commit, members, inflater.produced)
+
+
+def validate_stream(chunks: Iterable[bytes], storage: StorageConfig) -> TarSummary:
+    """Validate a whole body synchronously; with validate = "none" the chunks are not read."""
+    if storage.validate == "none":
+        return TarSummary(None, 0, 0)
+    return _validate(chunks, storage)
+
+
+def read_meta_commit(fileobj: BinaryIO, storage: StorageConfig) -> str | None:
+    """meta.json's code_version.commit of a stored .tar.zst, reading only up to meta.json.
+
+    None when there is no meta.json or it has no usable commit (the commit is unknown);
+    InvalidTarball when the zstd or tar stream before it is broken. Members are not vetted.
+    """
+    chunks = iter(lambda: fileobj.read(READ_BYTES), b"")
+    reader = _ForwardReader(_Inflater(chunks, storage).pieces())
+    return _walk(reader, storage, strict=False)[0]
+
+
+class _Channel:
+    """Bounded hand-off of chunks to the worker; cancel() releases both sides at once."""
+
+    def __init__(self, capacity: int) -> None:
+        self._items: deque[bytes] = deque()
+        self._capacity = capacity
+        self._cond = threading.Condition()
+        self._closed = False
+        self.cancelled = threading.Event()
+
+    def put(self, chunk: bytes) -> None:
+        with self._cond:
+            while len(self._items) >= self._capacity and not self.cancelled.is_set():
+                self._cond.wait()
+            if not self.cancelled.is_set():
+                self._items.append(chunk)
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def cancel(self) -> None:
+        with self._cond:
+            self.cancelled.set()
+            self._items.clear()
+            self._cond.notify_all()
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            with self._cond:
+                while not self._items and not self._closed and not self.cancelled.is_set():
+                    self._cond.wait()
+                if self.cancelled.is_set():
+                    raise _Aborted
+                if not self._items:
+                    return
+                chunk = self._items.popleft()
+                self._cond.notify_all()
+            yield chunk
+
+
+class StreamValidator:
+    """Validates a .tar.zst fed chunk by chunk from another thread, in its own worker thread.
+
+    Holds at most queue_chunks chunks plus the bounded decompression state. With
+    validate = "none" no thread is started and everything is accepted.
+    """
+
+    def __init__(self, storage: StorageConfig, *, queue_chunks: int = 8) -> None:
+        self._storage = storage
+        self._channel = _Channel(queue_chunks)
+        self._summary: TarSummary | None = None
+        self._error: InvalidTarball | None = None
+        self._crash: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if storage.validate != "none":
+            self._thread = threading.Thread(target=self._run, name="tarcheck", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._summary = _validate(self._channel, self._storage, self._channel.cancelled)
+        except InvalidTarball as error:
+            self._error = error
+        except _Aborted:
+            pass
+        except BaseException as error:  # a bug, not a bad upload: finish() re-raises it
+            self._crash = error
+        finally:
+            # Unblocks a producer waiting in feed() and makes later feeds drop their data.
+            self._channel.cancel()
+
+    @property
+    def failed(self) -> InvalidTarball | None:
+        """The rejection, as soon as the worker has found one: the caller may stop early."""
+        return self._error
+
+    def feed(self, chunk: bytes) -> None:
+        """Queue a chunk; blocks while the queue is full, drops data once validation stopped."""
+        if self._thread is not None and chunk:
+            self._channel.put(chunk)
+
+    def finish(self) -> TarSummary:
+        """End of input: wait for the verdict; InvalidTarball when rejected (or aborted)."""
+        if self._thread is None:
+            return TarSummary(None, 0, 0)
+        self._channel.close()
+        self._thread.join()
+        if self._crash is not None:
+            raise self._crash
+        if self._error is not None:
+            raise self._error
+        if self._summary is None:
+            raise InvalidTarball("validation aborted")
+        return self._summary
+
+    def abort(self) -> None:
+        """Stop the worker within one decompressed piece; idempotent, safe at any time."""
+        self._channel.cancel()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
