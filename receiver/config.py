@@ -6,6 +6,7 @@ documented in etc/receiver.toml.example and docs/configuration.md.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -38,6 +39,14 @@ class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Port = 8080
     workers: Annotated[int, Meta(ge=1, le=64)] = 1
+    # With auth.mode = "none", binding a non-loopback address needs this explicit consent.
+    allow_anonymous_remote: bool = False
+    max_concurrent_uploads: Annotated[int, Meta(ge=1, le=100_000)] = 64
+    max_concurrent_uploads_per_host: Annotated[int, Meta(ge=1, le=100_000)] = 4
+    # A client that sends nothing for this long mid-body gets 408 and its temp file is removed.
+    body_timeout_seconds: PositiveSeconds = 60.0
+    # On SIGTERM, in-flight uploads get this long to finish before they are aborted.
+    shutdown_grace_seconds: Annotated[float, Meta(ge=0)] = 30.0
 
 
 class StorageConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -70,6 +79,8 @@ class GateConfig(Struct, frozen=True, forbid_unknown_fields=True):
 class AuthConfig(Struct, frozen=True, forbid_unknown_fields=True):
     mode: Literal["none", "tokens"] = "none"
     tokens_file: Path | None = None
+    # Also require a valid token (any host's) for /, /metrics and /healthz.
+    protect_read_endpoints: bool = False
 
 
 class ReceiverConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -90,6 +101,35 @@ def _check_semantics(config: ReceiverConfig) -> None:
         )
     if config.auth.mode == "tokens" and config.auth.tokens_file is None:
         raise ConfigError(config.source, "auth.tokens_file", 'required when auth.mode = "tokens"')
+    server = config.server
+    if server.max_concurrent_uploads_per_host > server.max_concurrent_uploads:
+        raise ConfigError(
+            config.source,
+            "server.max_concurrent_uploads_per_host",
+            "must be <= server.max_concurrent_uploads",
+        )
+    if (
+        config.auth.mode == "none"
+        and not is_loopback(server.host)
+        and not server.allow_anonymous_remote
+    ):
+        raise ConfigError(
+            config.source,
+            "server.host",
+            f'{server.host!r} is not a loopback address and auth.mode = "none": anyone on '
+            'the network could upload. Use auth.mode = "tokens", or set '
+            "server.allow_anonymous_remote = true to allow it explicitly",
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses that only this machine can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _resolve_paths(config: ReceiverConfig, base: Path) -> ReceiverConfig:

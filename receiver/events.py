@@ -1,0 +1,24 @@
+"""What the HTTP layer reports about each finished request, for logs, metrics and the status page."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class RequestEvent:
+    method: str  # "PUT" or "HEAD"
+    host_id: str  # as sent (may be an invalid id; never used as a path)
+    episode_id: str
+    status: int
+    outcome: str  # "stored", "already-present", or the error code, e.g. "stale-commit"
+    size_bytes: int  # bytes stored (0 unless stored/already-present)
+    duration_seconds: float
+    commit: str | None  # lower-case commit when known (header or stored row)
+    behind_by: int | None
+    finished_at: float  # wall clock, time.time()
+
+
+class RequestObserver(Protocol):
+    def request_finished(self, event: RequestEvent) -> None: ...
