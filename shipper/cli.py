@@ -1,16 +1,42 @@
-"""`episode-shipper`: run, once, status, retry, init."""
+"""`episode-shipper`: run, once, status, retry, init.
+
+Bad usage and bad configuration print one line and exit 2; `once` exits 0 when
+everything is shipped, 1 when some episodes wait for a retry, 3 when some are fatal.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO, Any
 
-from episode_common.cli_support import fail
+import tomli_w
+
+from episode_common.cli_support import fail, setup_logging
+from episode_common.config_loading import ConfigError
+from episode_common.durable import fsync_dir
 from shipper import __version__
+from shipper.config import ShipperConfig, from_mapping, load_config
+from shipper.daemon import Daemon
+from shipper.progress import ClearLine, Progress
+from shipper.queue import Queue, QueueError
+from shipper.report import render_text, status_document
+from shipper.states import State, connect
+from shipper.upload import ReceiverClient
 
 PROG = "episode-shipper"
+EXIT_SHIPPED, EXIT_RETRYING, EXIT_FATAL = 0, 1, 3
+
+log = logging.getLogger("shipper")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -21,19 +47,213 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in [
         ("run", "the daemon: watch the spool, ship, retry"),
-        ("once", "ship everything finished now, then exit"),
-        ("status", "show the queue"),
-        ("retry", "re-queue fatal episodes"),
+        ("once", "ship everything finished now, then exit (0 shipped, 1 retrying, 3 fatal)"),
+        ("status", "show the queue: counts, then each episode not shipped yet"),
+        ("retry", "re-queue fatal episodes (after fixing their cause)"),
     ]:
-        sub = commands.add_parser(name, help=text)
-        sub.add_argument("--config", type=Path, required=True)
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("--config", type=Path, required=True, help="the shipper's TOML file")
         if name == "status":
-            sub.add_argument("--json", action="store_true")
-    commands.add_parser("init", help="write a shipper config")
+            sub.add_argument("--json", action="store_true", help="print JSON")
+    init = commands.add_parser("init", help="write a shipper config", description="Write a config.")
+    init.add_argument("--host-id", required=True)
+    init.add_argument("--receiver-url", required=True)
+    init.add_argument("--spool-dir", type=Path, required=True)
+    init.add_argument("--state-dir", type=Path, required=True)
+    init.add_argument("--token-file", type=Path)
+    init.add_argument("--settle-seconds", type=float)
+    init.add_argument("--concurrency", type=int)
+    init.add_argument("--commit-header")
+    init.add_argument(
+        "--output", type=Path, default=Path("shipper.toml"), help="(never overwritten)"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _build_parser().parse_args(argv)
-    fail(PROG, f"'{args.command}' is not available in this version yet")
-    sys.exit(2)
+    if args.command == "init":
+        sys.exit(_init(args))
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        fail(PROG, str(error))
+    setup_logging("INFO")
+    # httpx logs every request at INFO; our own lines already say what happened.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.command == "status":
+        sys.exit(_status(config, as_json=args.json))
+    if args.command == "retry":
+        sys.exit(_retry(config))
+    sys.exit(_ship(config, once=args.command == "once"))
+
+
+def read_token(config: ShipperConfig) -> str | None:
+    if config.token_file is None:
+        return None
+    try:
+        token = config.token_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        why = getattr(error, "strerror", None) or str(error)
+        raise ConfigError(
+            config.source, "token_file", f"cannot read {config.token_file}: {why}"
+        ) from None
+    if not token:
+        raise ConfigError(config.source, "token_file", f"{config.token_file} is empty")
+    return token
+
+
+def _lock_state_dir(config: ShipperConfig) -> IO[str]:
+    """One shipper per state_dir: a second `run`/`once` would double every upload."""
+    handle = open(config.state_dir / "shipper.lock", "a+")  # held until exit
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        fail(PROG, f"state_dir {config.state_dir} is in use by another shipper (pid {holder})")
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _open_queue(config: ShipperConfig) -> Queue:
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        return Queue.open(config.state_dir)
+    except (OSError, sqlite3.Error, QueueError) as error:
+        fail(
+            PROG,
+            f"{config.source}: state_dir: cannot open the queue in {config.state_dir}: {error}",
+        )
+
+
+def _ship(config: ShipperConfig, *, once: bool) -> int:
+    try:
+        token = read_token(config)
+    except ConfigError as error:
+        fail(PROG, str(error))
+    if not config.spool_dir.is_dir():
+        fail(PROG, f"{config.source}: spool_dir: {config.spool_dir} is not a directory")
+    queue = _open_queue(config)
+    lock = _lock_state_dir(config)
+    progress = None
+    if once and sys.stderr.isatty():
+        progress = Progress(sys.stderr)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(ClearLine(progress))
+    try:
+        asyncio.run(_serve(config, queue, token, once=once, progress=progress))
+        if progress is not None:
+            progress.clear()
+        counts = queue.counts()
+    finally:
+        queue.close()
+        lock.close()
+    waiting = sum(counts[s] for s in (State.PENDING, State.PACKING, State.UPLOADING))
+    waiting += counts[State.RETRY_WAIT]
+    if not once:
+        return 0
+    log.info(
+        "once: %d shipped, %d waiting for a retry, %d fatal",
+        counts[State.SHIPPED],
+        waiting,
+        counts[State.FATAL],
+    )
+    if counts[State.FATAL]:
+        return EXIT_FATAL
+    return EXIT_RETRYING if waiting else EXIT_SHIPPED
+
+
+async def _serve(
+    config: ShipperConfig, queue: Queue, token: str | None, *, once: bool, progress: Progress | None
+) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    client = ReceiverClient(
+        config.receiver_url,
+        config.host_id,
+        commit_header=config.commit_header,
+        token=token,
+        timeout_seconds=config.request_timeout_seconds,
+        max_connections=config.concurrency + 1,
+    )
+    mode = "once" if once else "run"
+    log.info(
+        "%s: host %s, spool %s -> %s", mode, config.host_id, config.spool_dir, config.receiver_url
+    )
+    try:
+        await Daemon(config, queue, client, once=once, progress=progress).run(stop)
+    finally:
+        await client.aclose()
+    if stop.is_set():
+        log.info("stopped by signal; unfinished work resumes on the next start")
+
+
+def _status(config: ShipperConfig, *, as_json: bool) -> int:
+    path = config.state_dir / "queue.db"
+    queue = None
+    if path.exists():
+        try:
+            queue = Queue(connect(path, create=False))
+        except (OSError, sqlite3.Error, QueueError) as error:
+            fail(PROG, f"{config.source}: state_dir: cannot read the queue {path}: {error}")
+    try:
+        document = status_document(config, queue)
+    finally:
+        if queue is not None:
+            queue.close()
+    if as_json:
+        print(json.dumps(document, indent=2, sort_keys=True))
+    else:
+        print(render_text(document), end="")
+    return 0
+
+
+def _retry(config: ShipperConfig) -> int:
+    queue = _open_queue(config)
+    try:
+        count = queue.retry_fatal()
+    finally:
+        queue.close()
+    print(f"re-queued {count} fatal episode(s); a running shipper picks them up within seconds")
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    output: Path = args.output
+    data: dict[str, Any] = {
+        "host_id": args.host_id,
+        "receiver_url": args.receiver_url,
+        "spool_dir": os.path.abspath(args.spool_dir),
+        "state_dir": os.path.abspath(args.state_dir),
+    }
+    if args.token_file is not None:
+        data["token_file"] = os.path.abspath(args.token_file)
+    for key in ("settle_seconds", "concurrency", "commit_header"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    try:
+        from_mapping(data, str(output), Path(os.path.abspath(output)).parent)
+    except ConfigError as error:
+        fail(PROG, str(error))
+    text = (
+        "# episode-shipper configuration, written by `episode-shipper init`.\n"
+        "# Every key, with its default, is described in etc/shipper.toml.example.\n"
+        + tomli_w.dumps(data)
+    )
+    try:
+        with open(output, "x", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except FileExistsError:
+        fail(PROG, f"{output} already exists; refusing to overwrite it")
+    except OSError as error:
+        fail(PROG, f"cannot write {output}: {error.strerror}")
+    fsync_dir(Path(os.path.abspath(output)).parent)
+    print(f"wrote {output}")
+    return 0

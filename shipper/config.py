@@ -43,6 +43,7 @@ class ShipperConfig(Struct, frozen=True, forbid_unknown_fields=True):
     zstd_threads: Annotated[int, Meta(ge=0, le=256)] = 0
     rescan_seconds: PositiveSeconds = 60.0
     request_timeout_seconds: PositiveSeconds = 60.0
+    shutdown_grace_seconds: Annotated[float, Meta(ge=0)] = 15.0
     retry: RetryConfig = RetryConfig()
     retention: RetentionConfig = RetentionConfig()
     source: str = "<built-in>"
@@ -55,13 +56,17 @@ def from_mapping(data: dict[str, Any], source: str, base: Path) -> ShipperConfig
     config = convert(source, {**data, "source": source}, ShipperConfig)
     if config.retry.max_seconds < config.retry.base_seconds:
         raise ConfigError(source, "retry.max_seconds", "must be >= retry.base_seconds")
-    return msgspec.structs.replace(
+    config = msgspec.structs.replace(
         config,
         receiver_url=config.receiver_url.rstrip("/"),
         spool_dir=resolve_path(base, config.spool_dir),
         state_dir=resolve_path(base, config.state_dir),
         token_file=None if config.token_file is None else resolve_path(base, config.token_file),
     )
+    if config.state_dir.resolve().is_relative_to(config.spool_dir.resolve()):
+        # The spool watcher would see the queue's own writes as episodes changing.
+        raise ConfigError(source, "state_dir", "must not be inside spool_dir")
+    return config
 
 
 def load_config(path: Path) -> ShipperConfig:

@@ -1,0 +1,241 @@
+"""The shipper's main loop: discover settled episodes, schedule pack and upload, shut down.
+
+`run` watches the spool until told to stop; `once` ships what is finished now
+and returns. The queue is the only source of truth: the loop re-reads it on
+every turn, so `episode-shipper retry` from another process takes effect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from shipper import retention
+from shipper.backoff import ReceiverHealth
+from shipper.config import ShipperConfig
+from shipper.pack import remove_temporaries
+from shipper.pipeline import Pipeline
+from shipper.progress import Progress
+from shipper.queue import Queue
+from shipper.spool import ID_PATTERN, Entry, entry_for, last_change, watch_names
+from shipper.upload import ReceiverClient
+
+log = logging.getLogger(__name__)
+
+# Packed copies waiting for the receiver, beyond the upload slots: packing runs
+# ahead of uploads, but not so far that a receiver outage fills the disk.
+PACK_AHEAD = 2
+# The loop looks at the queue at least this often (another process may change it).
+MAX_SLEEP = 2.0
+
+
+def _survey(spool_dir: Path, names: set[str] | None, known: set[str]) -> list[tuple[Entry, float]]:
+    """Unknown spool entries that are candidates, with their last change (runs in a thread)."""
+    found = []
+    for name in sorted(names) if names is not None else sorted(_listdir(spool_dir)):
+        entry = entry_for(spool_dir, name)
+        if entry is None or entry.episode_id in known:
+            continue
+        changed = last_change(entry)
+        if changed is not None:
+            found.append((entry, changed))
+    return found
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return [entry.name for entry in path.iterdir()]
+    except OSError as error:
+        log.error("cannot list spool_dir %s: %s", path, error)
+        return []
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: ShipperConfig,
+        queue: Queue,
+        client: ReceiverClient,
+        *,
+        once: bool = False,
+        progress: Progress | None = None,
+        health: ReceiverHealth | None = None,
+    ) -> None:
+        self.config = config
+        self.queue = queue
+        self.once = once
+        retry = config.retry
+        self.health = health or ReceiverHealth(retry.base_seconds, retry.max_seconds)
+        self.pipeline = Pipeline(config, queue, client, self.health, progress=progress)
+        self.preparing: dict[str, asyncio.Task[None]] = {}
+        self.uploading: dict[str, asyncio.Task[None]] = {}
+        self.unsettled: dict[str, float] = {}  # name -> when to look again
+        self.events_at: dict[str, float] = {}  # name -> time of its last file-system event
+        self.dirty: set[str] = set()
+        self.wake = asyncio.Event()
+        self.unfinished_at_start = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        spool_dir, packed_dir = self.config.spool_dir, self.pipeline.packed_dir
+        packed_dir.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(packed_dir)
+        retention.finish_interrupted_deletions(spool_dir)
+        if recovered := self.queue.recover():
+            log.info("resuming %d episode(s) interrupted by a crash or restart", recovered)
+        if self.once:
+            self.queue.make_due_now()
+        await self._scan(None)
+        if self.once and self.unsettled:
+            self.unfinished_at_start = len(self.unsettled)
+            log.info(
+                "not finished yet (changed within settle_seconds), left for a later run: %s",
+                ", ".join(sorted(self.unsettled)),
+            )
+            self.unsettled.clear()
+        helpers = [asyncio.create_task(self._relay(stop))]
+        if not self.once:
+            helpers.append(asyncio.create_task(self._watch(stop)))
+        next_rescan = time.time() + self.config.rescan_seconds
+        next_sweep = 0.0
+        try:
+            while not stop.is_set():
+                now = time.time()
+                if not self.once:
+                    if now >= next_rescan:
+                        await self._scan(None)
+                        next_rescan = now + self.config.rescan_seconds
+                    else:
+                        due = {name for name, at in self.unsettled.items() if at <= now}
+                        if self.dirty or due:
+                            names, self.dirty = self.dirty | due, set()
+                            await self._scan(names)
+                if now >= next_sweep:
+                    await self._sweep()
+                    next_sweep = now + min(self.config.rescan_seconds, 3600.0)
+                self._dispatch()
+                if self.once and not self.preparing and not self.uploading:
+                    break
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), self._sleep_for(next_rescan))
+            if self.once and self.config.retention.delete_after_days == 0:
+                await self._sweep()
+        finally:
+            await self._shutdown(helpers)
+
+    async def _scan(self, names: set[str] | None) -> None:
+        """Register settled entries; remember when to look again at the others."""
+        known = self.queue.known_ids()
+        found = await asyncio.to_thread(_survey, self.config.spool_dir, names, known)
+        now = time.time()
+        if names is None:
+            self.unsettled = {}
+            horizon = self.config.settle_seconds + self.config.rescan_seconds
+            self.events_at = {n: t for n, t in self.events_at.items() if now - t < horizon}
+        else:
+            # Looked at now: what is still unsettled is re-added below, the rest is gone.
+            for name in names:
+                self.unsettled.pop(name, None)
+        for entry, changed in found:
+            name = entry.path.name
+            settled_at = max(changed, self.events_at.get(name, 0.0)) + self.config.settle_seconds
+            if settled_at > now:
+                self.unsettled[name] = settled_at
+                continue
+            self.unsettled.pop(name, None)
+            self.events_at.pop(name, None)
+            error = None
+            if not ID_PATTERN.fullmatch(entry.episode_id):
+                error = "invalid episode id: must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+            if self.queue.add(entry.episode_id, entry.path, entry.kind, error):
+                if error:
+                    log.error("%s: not shipped: %s", name, error)
+                else:
+                    log.info("%s: finished, queued (%s)", entry.episode_id, entry.kind)
+
+    async def _sweep(self) -> None:
+        spool_dir, packed_dir = self.config.spool_dir, self.pipeline.packed_dir
+        days = self.config.retention.delete_after_days
+        await retention.sweep(self.queue, spool_dir, packed_dir, days)
+
+    def _dispatch(self) -> None:
+        """Start whatever may start now: one pack at a time, `concurrency` uploads."""
+        now = time.time()
+        busy = set(self.preparing) | set(self.uploading)
+        if not self.preparing:
+            limit = self.config.concurrency + PACK_AHEAD
+            episode = self.queue.next_to_prepare(now, busy)
+            if episode is not None and self.queue.packed_backlog() < limit:
+                self._start(self.preparing, episode.episode_id, self.pipeline.prepare(episode))
+        while len(self.uploading) < self.config.concurrency and self.health.may_start():
+            episode = self.queue.next_to_upload(now, busy | set(self.uploading))
+            if episode is None:
+                break
+            token = self.health.start()
+            self._start(self.uploading, episode.episode_id, self.pipeline.upload(episode, token))
+
+    def _start(
+        self, tasks: dict[str, asyncio.Task[None]], key: str, work: Coroutine[Any, Any, None]
+    ) -> None:
+        task = asyncio.create_task(work)
+        tasks[key] = task
+
+        def finished(done: asyncio.Task[None]) -> None:
+            tasks.pop(key, None)
+            self.wake.set()
+            if not done.cancelled() and done.exception() is not None:
+                log.error("%s: unexpected error", key, exc_info=done.exception())
+
+        task.add_done_callback(finished)
+
+    def _sleep_for(self, next_rescan: float) -> float:
+        """Until the next thing that time alone makes possible; task ends set wake."""
+        now = time.time()
+        wake_at = [now + MAX_SLEEP, *self.unsettled.values()]
+        if not self.once:
+            wake_at.append(next_rescan)
+        if (due := self.queue.next_due_at()) is not None:
+            wake_at.append(due)
+        if not self.health.healthy:
+            wake_at.append(self.health.next_try)
+        # Past times are not reasons to wake: what is due but did not start waits
+        # for a free slot or the receiver, and those wake the loop themselves.
+        future = [at for at in wake_at if at > now]
+        return min(max(min(future) - now, 0.05), MAX_SLEEP)
+
+    async def _relay(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        # Packing is abandoned at once; uploads get the grace period below.
+        self.pipeline.stop_packing.set()
+        self.wake.set()
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        """File-system events only hurry the next look; the rescan is the safety net."""
+        try:
+            async for names in watch_names(self.config.spool_dir, stop):
+                now = time.time()
+                for name in names:
+                    self.events_at[name] = now
+                self.dirty |= names
+                self.wake.set()
+        except Exception as error:  # inotify limits and friends: rescans carry on
+            log.warning("watching %s failed (%s); relying on rescans", self.config.spool_dir, error)
+
+    async def _shutdown(self, helpers: list[asyncio.Task[None]]) -> None:
+        self.pipeline.stop_packing.set()
+        in_flight = [*self.preparing.values(), *self.uploading.values()]
+        if in_flight:
+            grace = self.config.shutdown_grace_seconds
+            log.info("shutting down: waiting up to %.0f s for %d task(s)", grace, len(in_flight))
+            _done, pending = await asyncio.wait(in_flight, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for helper in helpers:
+            helper.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)

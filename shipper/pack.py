@@ -1,0 +1,198 @@
+"""Pack an episode directory into `<id>.tar.zst`: streaming, deterministic, crash-safe.
+
+Members are written in sorted order with normalised metadata (uid/gid 0, no
+owner names, modes 0644/0755, whole-second mtimes), relative paths only. The
+sha256 of the compressed bytes is computed in the same pass; the output
+appears under its final name only complete and fsynced (temp + rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import stat
+import tarfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from episode_common.durable import fsync_dir
+
+try:
+    from compression import zstd  # type: ignore[import-not-found, unused-ignore]
+except ImportError:  # Python < 3.14
+    from backports import zstd  # type: ignore[no-redef, unused-ignore]
+
+CHUNK = 1 << 20
+BLOCK = tarfile.BLOCKSIZE
+RECORD = tarfile.RECORDSIZE
+
+
+class PackError(Exception):
+    """The episode cannot be packed as it is (an operator has to look)."""
+
+
+class PackAborted(Exception):
+    """Packing stopped because the daemon is shutting down."""
+
+
+@dataclass(frozen=True)
+class Packed:
+    path: Path
+    sha256: str
+    size_bytes: int
+
+
+class _Sink:
+    """Compress, hash and write in one pass; counts the compressed bytes."""
+
+    def __init__(self, out: BinaryIO, level: int, threads: int) -> None:
+        self.out = out
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.compressor = zstd.ZstdCompressor(
+            options={
+                zstd.CompressionParameter.compression_level: level,
+                zstd.CompressionParameter.nb_workers: threads,
+                zstd.CompressionParameter.checksum_flag: 1,
+            }
+        )
+
+    def _emit(self, data: bytes) -> None:
+        if data:
+            self.digest.update(data)
+            self.out.write(data)
+            self.size += len(data)
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._emit(self.compressor.compress(data))
+
+    def finish(self) -> None:
+        self._emit(self.compressor.flush())
+
+
+def _members(root: Path) -> Iterator[tuple[str, Path, os.stat_result]]:
+    """(archive name, path, lstat) depth-first, each directory's entries sorted by name."""
+    stack: list[tuple[str, Path]] = [("", root)]
+    while stack:
+        prefix, directory = stack.pop()
+        with os.scandir(directory) as it:
+            entries = sorted(it, key=lambda entry: os.fsencode(entry.name))
+        subdirs: list[tuple[str, Path]] = []
+        for entry in entries:
+            name = f"{prefix}{entry.name}"
+            path = Path(entry.path)
+            info = entry.stat(follow_symlinks=False)
+            yield name, path, info
+            if stat.S_ISDIR(info.st_mode):
+                subdirs.append((f"{name}/", path))
+        # Visit subdirectories after this directory's own entries, in order.
+        stack.extend(reversed(subdirs))
+
+
+def _tarinfo(name: str, path: Path, info: os.stat_result, root: Path) -> tarfile.TarInfo:
+    member = tarfile.TarInfo(name)
+    member.mtime = int(info.st_mtime)
+    member.uid = member.gid = 0
+    member.uname = member.gname = ""
+    executable = info.st_mode & 0o111
+    if stat.S_ISDIR(info.st_mode):
+        member.type, member.mode = tarfile.DIRTYPE, 0o755
+    elif stat.S_ISREG(info.st_mode):
+        member.type, member.size = tarfile.REGTYPE, info.st_size
+        member.mode = 0o755 if executable else 0o644
+    elif stat.S_ISLNK(info.st_mode):
+        target = os.readlink(path)
+        resolved = (path.parent / target).resolve()
+        if os.path.isabs(target) or not resolved.is_relative_to(root.resolve()):
+            raise PackError(f"{name}: symlink points outside the episode ({target})")
+        member.type, member.linkname, member.mode = tarfile.SYMTYPE, target, 0o777
+    else:
+        raise PackError(f"{name}: not a regular file, directory or symlink")
+    return member
+
+
+def _copy(sink: _Sink, path: Path, size: int, stop: threading.Event | None) -> None:
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    remaining = size
+    with open(path, "rb") as source:
+        while remaining:
+            if stop is not None and stop.is_set():
+                raise PackAborted
+            count = source.readinto(view[: min(CHUNK, remaining)])
+            if not count:
+                raise PackError(f"{path.name}: shrank while being packed")
+            sink.write(view[:count])
+            remaining -= count
+        if source.read(1):
+            raise PackError(f"{path.name}: grew while being packed")
+    if size % BLOCK:
+        sink.write(bytes(BLOCK - size % BLOCK))
+
+
+def pack_directory(
+    source: Path,
+    dest_dir: Path,
+    episode_id: str,
+    *,
+    level: int = 3,
+    threads: int = 0,
+    stop: threading.Event | None = None,
+) -> Packed:
+    """Write `<dest_dir>/<episode_id>.tar.zst` from the directory `source`."""
+    final = dest_dir / f"{episode_id}.tar.zst"
+    tmp = dest_dir / f".{episode_id}.{secrets.token_hex(6)}.tmp"
+    root = source.resolve()
+    with open(tmp, "xb") as out:
+        try:
+            sink = _Sink(out, level, threads)
+            written = 0
+            for name, path, info in _members(root):
+                member = _tarinfo(name, path, info, root)
+                header = member.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+                sink.write(header)
+                written += len(header)
+                if member.type == tarfile.REGTYPE:
+                    _copy(sink, path, member.size, stop)
+                    written += -(-member.size // BLOCK) * BLOCK
+            # End of archive: two zero blocks, padded to a whole record as tar(1) does.
+            trailer = 2 * BLOCK
+            trailer += -(written + trailer) % RECORD
+            sink.write(bytes(trailer))
+            sink.finish()
+            out.flush()
+            os.fsync(out.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    os.replace(tmp, final)
+    fsync_dir(dest_dir)
+    return Packed(final, sink.digest.hexdigest(), sink.size)
+
+
+def hash_file(path: Path, stop: threading.Event | None = None) -> Packed:
+    """sha256 and size of an already-packed tarball, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb") as source:
+        while count := source.readinto(buffer):
+            if stop is not None and stop.is_set():
+                raise PackAborted
+            digest.update(view[:count])
+            size += count
+    return Packed(path, digest.hexdigest(), size)
+
+
+def remove_temporaries(dest_dir: Path) -> int:
+    """Delete leftovers of packing runs that a crash interrupted; returns how many."""
+    removed = 0
+    for leftover in dest_dir.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+        removed += 1
+    return removed

@@ -1,0 +1,357 @@
+"""The durable queue: one SQLite database (WAL, synchronous=FULL) in state_dir.
+
+Every state change is one committed transaction, durable before the call
+returns, so a kill -9 or power cut at any instant leaves either the old or the
+new state. Rows are never removed: a shipped id stays known, so an episode that
+reappears in the spool is not shipped twice. See docs/design.md.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
+from contextlib import contextmanager
+from pathlib import Path
+
+from shipper.spool import Kind
+from shipper.states import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    WAITING,
+    Episode,
+    ReceiverState,
+    Refusal,
+    State,
+    connect,
+)
+
+
+class QueueError(Exception):
+    """The state database cannot be used by this version."""
+
+
+class Queue:
+    """All reads and writes of the shipper's state. One process writes (see daemon lock)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise QueueError(f"queue schema {version} is newer than this shipper's")
+        if version < SCHEMA_VERSION:
+            # executescript commits any open transaction, so it carries its own.
+            conn.executescript(
+                f"BEGIN IMMEDIATE; {SCHEMA}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
+
+    @classmethod
+    def open(cls, state_dir: Path) -> Queue:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        return cls(connect(state_dir / "queue.db"))
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def _update(self, episode_id: str, expect: tuple[State, ...], **fields: object) -> bool:
+        """Set fields on one episode if it is in one of the expected states."""
+        fields["updated_at"] = time.time()
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        marks = ", ".join("?" for _ in expect)
+        cursor = self.conn.execute(
+            f"UPDATE episodes SET {assignments} WHERE episode_id = ? AND state IN ({marks})",
+            [*(str(v) if isinstance(v, Path) else v for v in fields.values()), episode_id, *expect],
+        )
+        return cursor.rowcount == 1
+
+    # --- discovery and recovery -------------------------------------------------
+
+    def recover(self) -> int:
+        """After a crash: work that was in progress starts over (uploads begin with HEAD)."""
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE episodes SET state = ?, updated_at = ? WHERE state IN (?, ?)",
+                (State.PENDING, time.time(), State.PACKING, State.UPLOADING),
+            )
+            return cursor.rowcount
+
+    def add(self, episode_id: str, source: Path, kind: Kind, error: str | None = None) -> bool:
+        """Register a finished spool entry; False when the id is already known."""
+        now = time.time()
+        state = State.PENDING if error is None else State.FATAL
+        cursor = self.conn.execute(
+            "INSERT OR IGNORE INTO episodes (episode_id, source, kind, state, last_error,"
+            " discovered_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (episode_id, str(source), kind, state, error, now, now),
+        )
+        return cursor.rowcount == 1
+
+    def known_ids(self) -> set[str]:
+        return {row[0] for row in self.conn.execute("SELECT episode_id FROM episodes")}
+
+    def get(self, episode_id: str) -> Episode | None:
+        row = self.conn.execute(
+            "SELECT * FROM episodes WHERE episode_id = ?", (episode_id,)
+        ).fetchone()
+        return None if row is None else Episode.from_row(row)
+
+    # --- what to do next --------------------------------------------------------
+
+    def _next(self, now: float, prepared: bool, exclude: AbstractSet[str]) -> Episode | None:
+        condition = (
+            "commit_id IS NOT NULL AND sha256 IS NOT NULL"
+            if prepared
+            else "(commit_id IS NULL OR sha256 IS NULL)"
+        )
+        for row in self.conn.execute(
+            f"SELECT * FROM episodes WHERE state IN (?, ?) AND next_attempt_at <= ?"
+            f" AND {condition} ORDER BY discovered_at, episode_id",
+            (*WAITING, now),
+        ):
+            if row["episode_id"] not in exclude:
+                return Episode.from_row(row)
+        return None
+
+    def next_to_prepare(
+        self, now: float, exclude: AbstractSet[str] = frozenset()
+    ) -> Episode | None:
+        """Oldest due episode whose commit or tarball is not known yet."""
+        return self._next(now, prepared=False, exclude=exclude)
+
+    def next_to_upload(self, now: float, exclude: AbstractSet[str] = frozenset()) -> Episode | None:
+        """Oldest due episode that is packed and hashed."""
+        return self._next(now, prepared=True, exclude=exclude)
+
+    def packed_backlog(self) -> int:
+        """Packed copies made by us that still wait to be shipped (they cost disk space)."""
+        row = self.conn.execute(
+            "SELECT COUNT(*) FROM episodes WHERE kind = ? AND sha256 IS NOT NULL"
+            " AND state IN (?, ?, ?)",
+            (Kind.DIRECTORY, *WAITING, State.UPLOADING),
+        ).fetchone()
+        return int(row[0])
+
+    def next_due_at(self) -> float | None:
+        row = self.conn.execute(
+            "SELECT MIN(next_attempt_at) FROM episodes WHERE state = ?", (State.RETRY_WAIT,)
+        ).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def make_due_now(self) -> int:
+        """`once` tries everything now, whatever the backoff said."""
+        cursor = self.conn.execute(
+            "UPDATE episodes SET next_attempt_at = 0 WHERE state = ?", (State.RETRY_WAIT,)
+        )
+        return cursor.rowcount
+
+    # --- transitions --------------------------------------------------------------
+
+    def start_packing(self, episode_id: str) -> bool:
+        return self._update(episode_id, WAITING, state=State.PACKING)
+
+    def set_commit(self, episode_id: str, commit: str) -> bool:
+        return self._update(episode_id, (State.PACKING,), commit_id=commit)
+
+    def finish_packing(self, episode_id: str, path: Path, sha256: str, size: int) -> bool:
+        return self._update(
+            episode_id,
+            (State.PACKING,),
+            state=State.PENDING,
+            packed_path=path,
+            sha256=sha256,
+            size_bytes=size,
+            next_attempt_at=0.0,
+        )
+
+    def forget_packed(self, episode_id: str) -> bool:
+        """The packed copy is gone or wrong: pack or hash again before uploading."""
+        return self._update(
+            episode_id, (*WAITING, State.UPLOADING), packed_path=None, sha256=None, size_bytes=None
+        )
+
+    def start_upload(self, episode_id: str) -> bool:
+        return self._update(episode_id, WAITING, state=State.UPLOADING)
+
+    def abandon(self, episode_id: str) -> bool:
+        """Work interrupted by shutdown: back to pending, no attempt counted."""
+        return self._update(episode_id, (State.PACKING, State.UPLOADING), state=State.PENDING)
+
+    def shipped(self, episode_id: str) -> bool:
+        # From fatal too: a 412 fan-out may have parked an episode whose own
+        # upload was already in flight and then succeeded.
+        return self._update(
+            episode_id,
+            (State.UPLOADING, *WAITING, State.FATAL),
+            state=State.SHIPPED,
+            shipped_at=time.time(),
+            last_error=None,
+            remediation=None,
+            next_attempt_at=0.0,
+        )
+
+    def fatal(self, episode_id: str, reason: str, remediation: str | None = None) -> bool:
+        return self._update(
+            episode_id,
+            (State.PACKING, State.UPLOADING, *WAITING),
+            state=State.FATAL,
+            last_error=reason,
+            remediation=remediation,
+        )
+
+    def retry_later(self, episode_id: str, reason: str, next_at: float) -> bool:
+        episode = self.get(episode_id)
+        if episode is None:
+            return False
+        return self._update(
+            episode_id,
+            (State.PACKING, State.UPLOADING, *WAITING),
+            state=State.RETRY_WAIT,
+            attempts=episode.attempts + 1,
+            last_error=reason,
+            next_attempt_at=next_at,
+        )
+
+    def digest_mismatch(self, episode_id: str, reason: str) -> bool:
+        """Forget the hash (and our packed copy) so the next try re-hashes the source."""
+        episode = self.get(episode_id)
+        if episode is None:
+            return False
+        return self._update(
+            episode_id,
+            (State.UPLOADING, *WAITING),
+            state=State.PENDING,
+            digest_retries=episode.digest_retries + 1,
+            last_error=reason,
+            packed_path=None,
+            sha256=None,
+            size_bytes=None,
+            next_attempt_at=0.0,
+        )
+
+    # --- refused commits ------------------------------------------------------------
+
+    def refuse_commit(
+        self, commit: str, reason: str, remediation: str | None
+    ) -> tuple[bool, list[str]]:
+        """Record a 412 and park every waiting episode of that commit.
+
+        Returns whether the refusal is new (so it is logged once) and the ids parked.
+        """
+        now = time.time()
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO refused_commits (commit_id, reason, remediation, refused_at)"
+                " VALUES (?, ?, ?, ?)",
+                (commit, reason, remediation, now),
+            )
+            new = cursor.rowcount == 1
+            parked = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT episode_id FROM episodes WHERE commit_id = ? AND state IN (?, ?)",
+                    (commit, *WAITING),
+                )
+            ]
+            conn.execute(
+                "UPDATE episodes SET state = ?, last_error = ?, remediation = ?, updated_at = ?"
+                " WHERE commit_id = ? AND state IN (?, ?)",
+                (State.FATAL, reason, remediation, now, commit, *WAITING),
+            )
+        return new, parked
+
+    def refusal(self, commit: str) -> Refusal | None:
+        row = self.conn.execute(
+            "SELECT * FROM refused_commits WHERE commit_id = ?", (commit,)
+        ).fetchone()
+        return None if row is None else Refusal(row["commit_id"], row["reason"], row["remediation"])
+
+    def refusals(self) -> list[Refusal]:
+        rows = self.conn.execute("SELECT * FROM refused_commits ORDER BY refused_at")
+        return [Refusal(row["commit_id"], row["reason"], row["remediation"]) for row in rows]
+
+    def retry_fatal(self) -> int:
+        """Re-queue every fatal episode and forget refused commits (the operator fixed them)."""
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE episodes SET state = ?, attempts = 0, digest_retries = 0,"
+                " last_error = NULL, remediation = NULL, next_attempt_at = 0, updated_at = ?"
+                " WHERE state = ?",
+                (State.PENDING, time.time(), State.FATAL),
+            )
+            conn.execute("DELETE FROM refused_commits")
+            return cursor.rowcount
+
+    # --- reporting and retention ------------------------------------------------------
+
+    def counts(self) -> dict[State, int]:
+        counts = dict.fromkeys(State, 0)
+        for state, count in self.conn.execute(
+            "SELECT state, COUNT(*) FROM episodes GROUP BY state"
+        ):
+            counts[State(state)] = count
+        return counts
+
+    def unshipped(self) -> list[Episode]:
+        rows = self.conn.execute(
+            "SELECT * FROM episodes WHERE state != ? ORDER BY discovered_at, episode_id",
+            (State.SHIPPED,),
+        )
+        return [Episode.from_row(row) for row in rows]
+
+    def due_for_deletion(self, shipped_before: float) -> list[Episode]:
+        rows = self.conn.execute(
+            "SELECT * FROM episodes WHERE state = ? AND local_deleted_at IS NULL"
+            " AND shipped_at <= ? ORDER BY shipped_at",
+            (State.SHIPPED, shipped_before),
+        )
+        return [Episode.from_row(row) for row in rows]
+
+    def local_deleted(self, episode_id: str) -> bool:
+        return self._update(episode_id, (State.SHIPPED,), local_deleted_at=time.time())
+
+    def packed_copy_removed(self, episode_id: str) -> bool:
+        """Our packed copy of a directory was deleted; the directory is still the source.
+
+        A shipped episode keeps its sha256 (what the receiver holds); a fatal one
+        forgets it, so that `retry` packs the (perhaps fixed) directory again.
+        """
+        cursor = self.conn.execute(
+            "UPDATE episodes SET packed_path = NULL,"
+            " sha256 = CASE WHEN state = ? THEN NULL ELSE sha256 END,"
+            " size_bytes = CASE WHEN state = ? THEN NULL ELSE size_bytes END, updated_at = ?"
+            " WHERE episode_id = ? AND kind = ? AND state IN (?, ?)",
+            (
+                State.FATAL,
+                State.FATAL,
+                time.time(),
+                episode_id,
+                Kind.DIRECTORY,
+                State.SHIPPED,
+                State.FATAL,
+            ),
+        )
+        return cursor.rowcount == 1
+
+    def save_receiver(self, state: ReceiverState) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO receiver (id, failures, next_try, last_error, updated_at)"
+            " VALUES (1, ?, ?, ?, ?)",
+            (state.failures, state.next_try, state.last_error, time.time()),
+        )
+
+    def receiver(self) -> ReceiverState | None:
+        row = self.conn.execute("SELECT * FROM receiver WHERE id = 1").fetchone()
+        if row is None:
+            return None
+        return ReceiverState(row["failures"], row["next_try"], row["last_error"])

@@ -1,0 +1,119 @@
+"""`episode-shipper status`: the queue as a JSON document and as text for a terminal.
+
+The text form prints each distinct remediation block once and unindented, so
+an operator can copy it into the host's shell as the receiver wrote it.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from shipper.config import ShipperConfig
+from shipper.queue import Queue
+from shipper.states import Episode, State
+
+
+def _iso(at: float | None) -> str | None:
+    if at is None or at <= 0:
+        return None
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds")
+
+
+def _episode(episode: Episode) -> dict[str, Any]:
+    waiting = episode.state is State.RETRY_WAIT
+    return {
+        "episode_id": episode.episode_id,
+        "state": str(episode.state),
+        "kind": str(episode.kind),
+        "source": str(episode.source),
+        "commit": episode.commit,
+        "size_bytes": episode.size_bytes,
+        "attempts": episode.attempts,
+        "next_attempt_at": _iso(episode.next_attempt_at) if waiting else None,
+        "reason": episode.last_error,
+        "remediation": episode.remediation,
+    }
+
+
+def status_document(config: ShipperConfig, queue: Queue | None) -> dict[str, Any]:
+    """Everything `status --json` prints; queue is None before the first run."""
+    counts = dict.fromkeys((str(state) for state in State), 0)
+    document: dict[str, Any] = {
+        "host_id": config.host_id,
+        "receiver_url": config.receiver_url,
+        "state_dir": str(config.state_dir),
+        "counts": counts,
+        "receiver": None,
+        "refused_commits": [],
+        "episodes": [],
+    }
+    if queue is None:
+        return document
+    counts.update({str(state): n for state, n in queue.counts().items()})
+    receiver = queue.receiver()
+    if receiver is not None:
+        document["receiver"] = {
+            "consecutive_failures": receiver.failures,
+            "next_try_at": _iso(receiver.next_try) if receiver.failures else None,
+            "last_error": receiver.last_error,
+        }
+    document["refused_commits"] = [
+        {"commit": r.commit, "reason": r.reason, "remediation": r.remediation}
+        for r in queue.refusals()
+    ]
+    document["episodes"] = [_episode(episode) for episode in queue.unshipped()]
+    return document
+
+
+def _when(iso: str | None, now: float) -> str:
+    if iso is None:
+        return "-"
+    delta = datetime.fromisoformat(iso).timestamp() - now
+    return f"{iso} ({'now' if delta <= 0 else f'in {delta:.0f} s'})"
+
+
+def render_text(document: dict[str, Any], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    counts = document["counts"]
+    lines = [
+        f"host {document['host_id']} -> {document['receiver_url']}",
+        "queue: " + ", ".join(f"{counts[str(state)]} {state}" for state in State),
+    ]
+    receiver = document["receiver"]
+    if receiver and receiver["consecutive_failures"]:
+        lines.append(
+            f"receiver: unavailable ({receiver['last_error']}), "
+            f"{receiver['consecutive_failures']} failure(s) in a row, "
+            f"next try {_when(receiver['next_try_at'], now)}"
+        )
+    episodes = document["episodes"]
+    if not episodes:
+        lines.append("nothing waiting: every episode is shipped")
+        return "\n".join(lines) + "\n"
+    rows = [("EPISODE", "STATE", "ATTEMPTS", "NEXT TRY", "REASON")]
+    for episode in episodes:
+        rows.append(
+            (
+                episode["episode_id"],
+                episode["state"],
+                str(episode["attempts"]),
+                _when(episode["next_attempt_at"], now),
+                episode["reason"] or "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines.append("")
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        lines.append("  ".join([*cells, row[4]]).rstrip())
+    remediations: dict[str, list[str]] = {}
+    for episode in episodes:
+        if episode["remediation"]:
+            remediations.setdefault(episode["remediation"], []).append(episode["episode_id"])
+    for text, ids in remediations.items():
+        lines += ["", f"Remediation from the receiver for {', '.join(ids)}:", text.rstrip("\n")]
+    if counts[str(State.FATAL)]:
+        lines += ["", "Fatal episodes stay parked; after fixing the cause: episode-shipper retry"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,169 @@
+"""Find finished episodes in the spool: directory listing, settle check, meta.json commit.
+
+An entry is `<id>/` with meta.json or `<id>.tar.zst`. It is finished when
+nothing in it changed for settle_seconds; "changed" is judged by ctime, which
+copies cannot preserve (rsync -a and cp -p keep old mtimes, not ctimes).
+File-system events (watchfiles) only say where to look sooner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import stat
+import tarfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import watchfiles
+
+try:
+    from compression import zstd  # type: ignore[import-not-found, unused-ignore]
+except ImportError:  # Python < 3.14
+    from backports import zstd  # type: ignore[no-redef, unused-ignore]
+
+log = logging.getLogger(__name__)
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+COMMIT_PATTERN = re.compile(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}")
+TARBALL_SUFFIX = ".tar.zst"
+# A meta.json larger than this is not metadata; refuse rather than read it all.
+MAX_META_BYTES = 16 << 20
+
+
+class Kind(StrEnum):
+    DIRECTORY = "dir"
+    TARBALL = "tar"
+
+
+class BadEpisode(Exception):
+    """The episode cannot be shipped as it is; the message says why, in one line."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    episode_id: str
+    path: Path
+    kind: Kind
+
+
+def entry_for(spool_dir: Path, name: str) -> Entry | None:
+    """The spool entry a top-level name stands for, or None when it is not one."""
+    if name.startswith("."):
+        return None  # temporaries of producers, and our own .deleting-* renames
+    path = spool_dir / name
+    try:
+        mode = path.lstat().st_mode
+    except OSError:
+        return None
+    if stat.S_ISDIR(mode):
+        return Entry(name, path, Kind.DIRECTORY)
+    if stat.S_ISREG(mode) and name.endswith(TARBALL_SUFFIX):
+        return Entry(name[: -len(TARBALL_SUFFIX)], path, Kind.TARBALL)
+    return None
+
+
+def list_entries(spool_dir: Path) -> list[Entry]:
+    """Every candidate episode in the spool, sorted by name for a stable order."""
+    entries = []
+    for name in sorted(os.listdir(spool_dir)):
+        entry = entry_for(spool_dir, name)
+        if entry is not None:
+            entries.append(entry)
+    return entries
+
+
+def last_change(entry: Entry) -> float | None:
+    """Newest ctime/mtime in the entry; None when it is not a candidate yet (no meta.json)."""
+    try:
+        if entry.kind is Kind.TARBALL:
+            info = entry.path.stat()
+            return max(info.st_ctime, info.st_mtime)
+        if not (entry.path / "meta.json").is_file():
+            return None
+        newest = 0.0
+        for directory, dirnames, filenames in os.walk(entry.path):
+            for name in [".", *dirnames, *filenames]:
+                info = os.lstat(os.path.join(directory, name))
+                newest = max(newest, info.st_ctime, info.st_mtime)
+        return newest
+    except FileNotFoundError:
+        return None
+
+
+def normalise_commit(value: object) -> str | None:
+    if isinstance(value, str) and COMMIT_PATTERN.fullmatch(value):
+        return value.lower()
+    return None
+
+
+def commit_from_meta(raw: bytes, where: str) -> str:
+    """code_version.commit from meta.json's bytes, lower case; BadEpisode if unusable."""
+    try:
+        meta: Any = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise BadEpisode(f"{where}: not valid JSON ({error})") from None
+    version = meta.get("code_version") if isinstance(meta, dict) else None
+    value = version.get("commit") if isinstance(version, dict) else None
+    if value is None:
+        raise BadEpisode(f"{where}: has no code_version.commit")
+    commit = normalise_commit(value)
+    if commit is None:
+        raise BadEpisode(f"{where}: code_version.commit {value!r} is not 40 or 64 hex digits")
+    return commit
+
+
+def read_commit(entry: Entry) -> str:
+    """The episode's commit, from its meta.json (inside the tarball for packed ones)."""
+    if entry.kind is Kind.DIRECTORY:
+        meta = entry.path / "meta.json"
+        try:
+            with open(meta, "rb") as handle:
+                raw = handle.read(MAX_META_BYTES + 1)
+        except OSError as error:
+            raise BadEpisode(f"meta.json: cannot read ({error.strerror})") from None
+        if len(raw) > MAX_META_BYTES:
+            raise BadEpisode("meta.json: larger than 16 MiB")
+        return commit_from_meta(raw, "meta.json")
+    return _commit_from_tarball(entry)
+
+
+def _commit_from_tarball(entry: Entry) -> str:
+    try:
+        with zstd.open(entry.path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                # Only a top-level meta.json counts, as for the receiver's own check.
+                name = "/".join(p for p in member.name.split("/") if p not in ("", "."))
+                if name == "meta.json" and member.isfile():
+                    if member.size > MAX_META_BYTES:
+                        raise BadEpisode(f"{name}: larger than 16 MiB")
+                    handle = tar.extractfile(member)
+                    assert handle is not None  # a regular file always has one
+                    return commit_from_meta(handle.read(), f"{entry.path.name}:{name}")
+    except (OSError, EOFError, tarfile.TarError, zstd.ZstdError) as error:
+        raise BadEpisode(f"{entry.path.name}: not a readable tar.zst ({error})") from None
+    raise BadEpisode(f"{entry.path.name}: has no meta.json")
+
+
+async def watch_names(spool_dir: Path, stop: asyncio.Event) -> AsyncIterator[set[str]]:
+    """Top-level spool names that had file-system events, batch by batch, until stop."""
+    root = spool_dir.resolve()
+    async for changes in watchfiles.awatch(
+        root, watch_filter=None, debounce=400, step=50, stop_event=stop, recursive=True
+    ):
+        names: set[str] = set()
+        for _change, raw in changes:
+            try:
+                relative = Path(raw).relative_to(root)
+            except ValueError:
+                continue
+            if relative.parts:
+                names.add(relative.parts[0])
+        if names:
+            yield names

@@ -1,0 +1,122 @@
+"""Spool entries, the settle check and reading the commit from meta.json."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from shipper.spool import (
+    BadEpisode,
+    Entry,
+    Kind,
+    entry_for,
+    last_change,
+    list_entries,
+    read_commit,
+)
+from tests.shipper.conftest import GOOD, write_episode, write_tarball
+
+try:
+    from compression import zstd  # type: ignore[import-not-found, unused-ignore]
+except ImportError:
+    from backports import zstd  # type: ignore[no-redef, unused-ignore]
+
+
+def test_entries_are_directories_and_tarballs_and_nothing_else(tmp_path: Path) -> None:
+    write_episode(tmp_path, "ep-1")
+    write_tarball(tmp_path, "ep-2")
+    (tmp_path / ".ep-3.partial").mkdir()
+    (tmp_path / ".ep-4.tar.zst").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("hello")
+    assert list_entries(tmp_path) == [
+        Entry("ep-1", tmp_path / "ep-1", Kind.DIRECTORY),
+        Entry("ep-2", tmp_path / "ep-2.tar.zst", Kind.TARBALL),
+    ]
+    assert entry_for(tmp_path, "missing") is None
+
+
+def test_a_directory_without_meta_json_is_not_a_candidate_yet(tmp_path: Path) -> None:
+    (tmp_path / "ep-1" / "data").mkdir(parents=True)
+    entry = Entry("ep-1", tmp_path / "ep-1", Kind.DIRECTORY)
+    assert last_change(entry) is None
+    (tmp_path / "ep-1" / "meta.json").write_text("{}")
+    assert last_change(entry) is not None
+
+
+def test_last_change_follows_a_write_deep_inside_the_episode(tmp_path: Path) -> None:
+    directory = write_episode(tmp_path, "ep-1", age=7200)
+    entry = Entry("ep-1", directory, Kind.DIRECTORY)
+    before = last_change(entry)
+    assert before is not None
+    time.sleep(0.01)
+    (directory / "data" / "frames.bin").write_bytes(b"more")
+    after = last_change(entry)
+    assert after is not None and after > before and after >= time.time() - 5
+
+
+def test_last_change_sees_copies_that_preserve_old_mtimes(tmp_path: Path) -> None:
+    # rsync -a / cp -p set old mtimes; the ctime still says "just now".
+    directory = write_episode(tmp_path, "ep-1")
+    os.utime(directory / "meta.json", (0, 0))
+    changed = last_change(Entry("ep-1", directory, Kind.DIRECTORY))
+    assert changed is not None and changed >= time.time() - 60
+
+
+def test_read_commit_from_a_directory_is_lower_cased(tmp_path: Path) -> None:
+    directory = write_episode(tmp_path, "ep-1", commit=GOOD.upper())
+    assert read_commit(Entry("ep-1", directory, Kind.DIRECTORY)) == GOOD
+
+
+def test_read_commit_accepts_sha256_repositories(tmp_path: Path) -> None:
+    directory = write_episode(tmp_path, "ep-1", commit="d" * 64)
+    assert read_commit(Entry("ep-1", directory, Kind.DIRECTORY)) == "d" * 64
+
+
+@pytest.mark.parametrize(
+    ("meta", "message"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[]", "no code_version.commit"),
+        (b'{"code_version": {}}', "no code_version.commit"),
+        (b'{"code_version": {"commit": "abc"}}', "not 40 or 64 hex"),
+        (b'{"code_version": {"commit": 12}}', "not 40 or 64 hex"),
+    ],
+)
+def test_unusable_meta_json_is_reported_with_the_reason(
+    tmp_path: Path, meta: bytes, message: str
+) -> None:
+    directory = write_episode(tmp_path, "ep-1")
+    (directory / "meta.json").write_bytes(meta)
+    with pytest.raises(BadEpisode, match=message):
+        read_commit(Entry("ep-1", directory, Kind.DIRECTORY))
+
+
+def test_read_commit_from_a_ready_tarball(tmp_path: Path) -> None:
+    path = write_tarball(tmp_path, "ep-1", commit=GOOD)
+    assert read_commit(Entry("ep-1", path, Kind.TARBALL)) == GOOD
+
+
+def test_a_tarball_without_top_level_meta_json_is_reported(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        data = json.dumps({"code_version": {"commit": GOOD}}).encode()
+        info = tarfile.TarInfo("nested/meta.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    path = tmp_path / "ep-1.tar.zst"
+    path.write_bytes(zstd.compress(buffer.getvalue()))
+    with pytest.raises(BadEpisode, match="has no meta.json"):
+        read_commit(Entry("ep-1", path, Kind.TARBALL))
+
+
+def test_a_file_that_is_not_tar_zst_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "ep-1.tar.zst"
+    path.write_bytes(b"plain text, not zstd")
+    with pytest.raises(BadEpisode, match="not a readable tar.zst"):
+        read_commit(Entry("ep-1", path, Kind.TARBALL))
