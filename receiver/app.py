@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any, NoReturn
 
 from starlette.applications import Starlette
@@ -25,6 +28,7 @@ from receiver.errors import IngestError, InvalidId, LengthRequired
 from receiver.gate import VersionGate
 from receiver.index import JsonlIndex
 from receiver.ingest import Ingestor, Reply, UploadHeaders
+from receiver.limits import UploadAdmission, with_body_timeout
 from receiver.locks import EpisodeLocks
 from receiver.store import FilesystemStore
 
@@ -57,6 +61,24 @@ def _error_response(error: IngestError, head: bool = False) -> Response:
     return _json(error.status_code, error.body(), error.headers)
 
 
+def _stop_admitting_on_sigterm(admission: UploadAdmission) -> None:
+    """From SIGTERM on, new uploads get 503 while uvicorn drains the ones in flight.
+
+    uvicorn has installed its own handler by the time the lifespan starts; ours runs
+    first and then hands the signal on to it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        admission.shutting_down = True
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def _content_length(request: Request) -> int | None:
     value = request.headers.get("content-length")
     if value is None:
@@ -73,6 +95,12 @@ def create_app(config: ReceiverConfig) -> Starlette:
     store = FilesystemStore(storage.data_dir)
     index = JsonlIndex(storage.data_dir / "index.jsonl")
     gate = VersionGate(config.version_gate)
+    server = config.server
+    admission = UploadAdmission(
+        server.max_concurrent_uploads,
+        server.max_concurrent_uploads_per_host,
+        storage.min_free_bytes,
+    )
     header_name = config.version_gate.header
     state: dict[str, Ingestor] = {}
 
@@ -82,10 +110,15 @@ def create_app(config: ReceiverConfig) -> Starlette:
         index.load(strict=False)
         locks = EpisodeLocks(storage.data_dir / "episodes.lock")
         await gate.start()
-        state["ingestor"] = Ingestor(config, gate, store, index, locks, _fatal)
+        _stop_admitting_on_sigterm(admission)
+        state["ingestor"] = Ingestor(config, gate, store, index, locks, admission, _fatal)
         try:
             yield
         finally:
+            # uvicorn cancels uploads that outlast the grace period and then runs this
+            # at once; let them remove their temp files and release their locks first.
+            if not await admission.wait_idle(timeout=10):
+                log.warning("%d upload(s) still cleaning up at shutdown", admission.active)
             await gate.close()
             locks.close()
 
@@ -102,7 +135,8 @@ def create_app(config: ReceiverConfig) -> Starlette:
                 content_length=_content_length(request),
                 content_digest=request.headers.get("content-digest"),
             )
-            reply = await state["ingestor"].put(host_id, episode_id, headers, request.stream())
+            body = with_body_timeout(request.stream(), server.body_timeout_seconds)
+            reply = await state["ingestor"].put(host_id, episode_id, headers, body)
             status, outcome = reply.status_code, str(reply.body.get("status", ""))
             size = int(reply.body.get("size_bytes") or 0)
             return _render(reply)

@@ -104,6 +104,11 @@ class TooLarge(IngestError):
     code = "too-large"
 
 
+class TooManyUploadsFromHost(IngestError):
+    status_code = 429
+    code = "too-many-uploads"
+
+
 class UploadInFlight(IngestError):
     status_code = 423
     code = "upload-in-flight"
@@ -112,6 +117,11 @@ class UploadInFlight(IngestError):
 class GateNotReady(IngestError):
     status_code = 503
     code = "gate-not-ready"
+
+
+class ServerBusy(IngestError):
+    status_code = 503
+    code = "server-busy"
 
 
 class ShuttingDown(IngestError):

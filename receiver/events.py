@@ -1,4 +1,4 @@
-"""What the HTTP layer reports about each finished request, for logs, metrics and the status page."""
+"""What the HTTP layer reports about each finished request (logs, metrics, status page)."""
 
 from __future__ import annotations
 

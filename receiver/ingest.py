@@ -29,8 +29,9 @@ from receiver.errors import (
 from receiver.gate import GateVerdict, VersionGate
 from receiver.ids import check_id, normalise_commit
 from receiver.index import DurabilityError, IndexRow, JsonlIndex, new_row
+from receiver.limits import UploadAdmission
 from receiver.locks import EpisodeLocks
-from receiver.pipeline import BodySink, ensure_free_space
+from receiver.pipeline import BodySink
 from receiver.store import FilesystemStore, TempBlob
 from receiver.tarcheck import StreamValidator, read_meta_commit
 
@@ -61,8 +62,10 @@ class Ingestor:
         store: FilesystemStore,
         index: JsonlIndex,
         locks: EpisodeLocks,
+        admission: UploadAdmission,
         on_fatal: Callable[[str], NoReturn],
     ) -> None:
+        self.admission = admission
         self.config = config
         self.gate = gate
         self.store = store
@@ -79,28 +82,29 @@ class Ingestor:
         check_id("episode_id", episode_id)
         commit = self.gate.parse_header(headers.commit)
         declared = parse_content_digest(headers.content_digest)
-        if not self.locks.try_acquire(host_id, episode_id):
-            raise UploadInFlight(
-                "another upload of this episode is in progress", headers={"Retry-After": "2"}
-            )
-        try:
-            stored = await self._stored_row(host_id, episode_id)
-            if stored is not None:
-                return await self._answer_stored(stored, declared, body)
-            verdict = await self.gate.check(commit)
-            self._check_size_and_space(headers.content_length)
-            return await self._receive(host_id, episode_id, commit, verdict, declared, body)
-        finally:
-            self.locks.release(host_id, episode_id)
+        with self.admission.slot(host_id):
+            if not self.locks.try_acquire(host_id, episode_id):
+                raise UploadInFlight(
+                    "another upload of this episode is in progress", headers={"Retry-After": "2"}
+                )
+            try:
+                stored = await self._stored_row(host_id, episode_id)
+                if stored is not None:
+                    return await self._answer_stored(stored, declared, body)
+                verdict = await self.gate.check(commit)
+                self._check_size(headers.content_length)
+                needed = headers.content_length or 0
+                with self.admission.reservation(self.store.free_bytes(), needed):
+                    return await self._receive(
+                        host_id, episode_id, commit, verdict, declared, body, needed
+                    )
+            finally:
+                self.locks.release(host_id, episode_id)
 
-    def _check_size_and_space(self, content_length: int | None) -> None:
-        storage = self.config.storage
-        if content_length is not None and content_length > storage.max_upload_bytes:
-            raise TooLarge(
-                f"Content-Length {content_length} exceeds max_upload_bytes "
-                f"({storage.max_upload_bytes})"
-            )
-        ensure_free_space(self.store.free_bytes(), content_length or 0, storage.min_free_bytes)
+    def _check_size(self, content_length: int | None) -> None:
+        limit = self.config.storage.max_upload_bytes
+        if content_length is not None and content_length > limit:
+            raise TooLarge(f"Content-Length {content_length} exceeds max_upload_bytes ({limit})")
 
     async def _receive(
         self,
@@ -110,13 +114,19 @@ class Ingestor:
         verdict: GateVerdict,
         declared: str | None,
         body: AsyncIterator[bytes],
+        reserved: int,
     ) -> Reply:
         storage = self.config.storage
         blob: TempBlob = await asyncio.to_thread(
             self.store.create_temp, host_id, episode_id, commit
         )
         validator = StreamValidator(storage) if storage.validate != "none" else None
-        sink = BodySink(blob.fd, validator, storage.max_upload_bytes, self._space_check)
+
+        def space_check() -> None:
+            # Bytes already written are gone from statvfs; only others' reservations count.
+            self.admission.check_space(self.store.free_bytes(), 0, mine=reserved)
+
+        sink = BodySink(blob.fd, validator, storage.max_upload_bytes, space_check)
         try:
             try:
                 async for chunk in body:
@@ -179,10 +189,6 @@ class Ingestor:
         )
         _add_warning(reply, verdict)
         return reply
-
-    def _space_check(self, needed: int) -> None:
-        storage = self.config.storage
-        ensure_free_space(self.store.free_bytes(), needed, storage.min_free_bytes)
 
     @staticmethod
     def _reconcile_commit(header: str | None, meta_value: str | None) -> str | None:

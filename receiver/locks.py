@@ -41,7 +41,11 @@ class EpisodeLocks:
         key = (host_id, episode_id)
         if key in self._held:
             self._held.discard(key)
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _offset(*key))
+            if self._fd >= 0:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _offset(*key))
 
     def close(self) -> None:
-        os.close(self._fd)
+        """Drop every lock of this process (the kernel releases them with the descriptor)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

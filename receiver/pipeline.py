@@ -14,7 +14,7 @@ import hashlib
 import os
 from collections.abc import Callable
 
-from receiver.errors import InsufficientStorage, TooLarge
+from receiver.errors import TooLarge
 from receiver.tarcheck import StreamValidator, TarSummary
 
 BATCH_BYTES = 2 * 1024 * 1024
@@ -48,7 +48,7 @@ class BodySink:
         fd: int | None,
         validator: StreamValidator | None,
         max_bytes: int,
-        free_space_check: Callable[[int], None] | None = None,
+        free_space_check: Callable[[], None] | None = None,
     ) -> None:
         self._fd = fd
         self._validator = validator
@@ -81,7 +81,7 @@ class BodySink:
             self._pending = None
         if self._free_space_check is not None and self.size >= self._next_space_check:
             self._next_space_check = self.size + 256 * 1024 * 1024
-            self._free_space_check(0)
+            self._free_space_check()
         if batch:
             loop = asyncio.get_running_loop()
             self._pending = loop.run_in_executor(None, self._consume, batch)
@@ -140,11 +140,3 @@ def _write_all(fd: int, buffers: list[bytes]) -> None:
     remaining = memoryview(b"".join(buffers))[written:]
     while remaining:
         remaining = remaining[os.write(fd, remaining) :]
-
-
-def ensure_free_space(free_bytes: int, needed: int, min_free: int) -> None:
-    if free_bytes - needed < min_free:
-        raise InsufficientStorage(
-            f"storing {needed} bytes would leave less than min_free_bytes ({min_free}) free",
-            headers={"Retry-After": "60"},
-        )

@@ -22,7 +22,6 @@ from receiver.recovery import recover, take_instance_lock
 log = logging.getLogger(__name__)
 
 CONFIG_ENV = "EPISODE_RECEIVER_CONFIG_JSON"
-GRACEFUL_SHUTDOWN_SECONDS = 30
 
 
 def config_from_environment() -> ReceiverConfig:
@@ -66,7 +65,7 @@ def _serve(config: ReceiverConfig, log_level: str) -> int:
         log_level=log_level,
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        timeout_graceful_shutdown=max(1, round(server.shutdown_grace_seconds)),
     )
     signal.signal(signal.SIGTERM, _note_signal)
     signal.signal(signal.SIGINT, _note_signal)

@@ -112,18 +112,23 @@ def test_second_upload_of_an_id_in_flight_gets_423(
     assert len(index_rows(tmp_path / "data")) == 1
 
 
+def put_retrying(url: str, path: str, body: bytes, commit: str) -> httpx.Response:
+    """PUT, retrying 423/429/503 as a shipper would (briefly: these tests are small)."""
+    for _attempt in range(300):
+        response = put(url, path, body, commit)
+        if response.status_code not in (423, 429, 503):
+            return response
+        time.sleep(0.02)
+    return response
+
+
 def _concurrent_same_id(url: str, head: str, body: bytes, clients: int) -> list[int]:
     statuses: list[int] = []
     barrier = threading.Barrier(clients)
 
     def one(_: int) -> int:
         barrier.wait()
-        for _attempt in range(200):  # a 423 is retried, as a shipper would
-            status = put(url, "/episodes/h/same", body, head).status_code
-            if status != 423:
-                return status
-            time.sleep(0.02)
-        return 423
+        return put_retrying(url, "/episodes/h/same", body, head).status_code
 
     with ThreadPoolExecutor(clients) as pool:
         statuses = list(pool.map(one, range(clients)))
@@ -154,10 +159,14 @@ def test_two_workers_arbitrate_one_id_and_share_the_index(
     bodies = {f"e{i}": make_tarball(head) for i in range(20)}
     with ThreadPoolExecutor(8) as pool:
         first = list(
-            pool.map(lambda i: put(receiver.url, f"/episodes/h/{i}", bodies[i], head), bodies)
+            pool.map(
+                lambda i: put_retrying(receiver.url, f"/episodes/h/{i}", bodies[i], head), bodies
+            )
         )
         again = list(
-            pool.map(lambda i: put(receiver.url, f"/episodes/h/{i}", bodies[i], head), bodies)
+            pool.map(
+                lambda i: put_retrying(receiver.url, f"/episodes/h/{i}", bodies[i], head), bodies
+            )
         )
     assert [r.status_code for r in first] == [201] * 20
     assert [r.status_code for r in again] == [200] * 20
