@@ -49,6 +49,9 @@ def _build_parser() -> argparse.ArgumentParser:
     add_host = commands.add_parser("add-host", help="mint a token for HOST, print it once")
     add_host.add_argument("host_id", metavar="HOST")
     add_host.add_argument("--config", type=Path, required=True)
+    add_host.add_argument(
+        "--rotate", action="store_true", help="replace HOST's existing token (the old one stops)"
+    )
 
     remove_host = commands.add_parser("remove-host", help="revoke HOST's token")
     remove_host.add_argument("host_id", metavar="HOST")
@@ -105,8 +108,70 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_not_yet(args: argparse.Namespace) -> int:
-    fail(PROG, f"'{args.command}' needs per-host token auth, which this version does not have yet")
+def _tokens_file(args: argparse.Namespace) -> Path:
+    """The configured tokens file, after checking HOST and that auth.mode is "tokens"."""
+    from receiver.errors import InvalidId
+    from receiver.ids import check_id
+
+    try:
+        check_id("HOST", args.host_id)
+    except InvalidId as error:
+        fail(PROG, f"{error.detail} (got {args.host_id!r})")
+    config = _load(args)
+    tokens_file = config.auth.tokens_file
+    if config.auth.mode != "tokens" or tokens_file is None:
+        fail(
+            PROG,
+            f'{config.source}: auth.mode is "{config.auth.mode}"; '
+            f'{args.command} needs auth.mode = "tokens" and auth.tokens_file',
+        )
+    return tokens_file
+
+
+def _cmd_add_host(args: argparse.Namespace) -> int:
+    from receiver.auth import HostHasToken, add_host
+
+    tokens_file = _tokens_file(args)
+    host = args.host_id
+    try:
+        token = add_host(tokens_file, host, rotate=args.rotate)
+    except HostHasToken as error:
+        fail(
+            PROG,
+            f"{host} already has a token (created {error.created_at}); --rotate replaces it",
+            1,
+        )
+    except ConfigError as error:
+        fail(PROG, str(error))
+    except OSError as error:
+        fail(PROG, f"cannot update {tokens_file}: {error.strerror or error}", 1)
+    # stdout carries the token alone, so `add-host HOST --config F > token` works.
+    print(token, flush=True)
+    replaced = f"; {host}'s previous token stops working" if args.rotate else ""
+    print(
+        f"{PROG}: token for {host} printed once (only its SHA-256 is kept in {tokens_file}). "
+        f"On {host}, save it to the file named by token_file in the shipper's config, mode 0600; "
+        f"the receiver accepts it within a second, no restart{replaced}.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_remove_host(args: argparse.Namespace) -> int:
+    from receiver.auth import remove_host
+
+    tokens_file = _tokens_file(args)
+    host = args.host_id
+    try:
+        removed = remove_host(tokens_file, host)
+    except ConfigError as error:
+        fail(PROG, str(error))
+    except OSError as error:
+        fail(PROG, f"cannot update {tokens_file}: {error.strerror or error}", 1)
+    if not removed:
+        fail(PROG, f"{host} has no token in {tokens_file}; nothing removed", 1)
+    print(f"{PROG}: revoked {host}'s token; the receiver refuses it within a second")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -114,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     handlers = {
         "serve": _cmd_serve,
         "check-config": _cmd_check_config,
-        "add-host": _cmd_not_yet,
-        "remove-host": _cmd_not_yet,
+        "add-host": _cmd_add_host,
+        "remove-host": _cmd_remove_host,
     }
     sys.exit(handlers[args.command](args))
