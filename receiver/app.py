@@ -6,12 +6,13 @@ the contract's `error` codes; everything below this module is HTTP-agnostic.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from types import FrameType
 from typing import Any, NoReturn
@@ -19,18 +20,22 @@ from typing import Any, NoReturn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from receiver import __version__
+from receiver.auth import TokenStore
 from receiver.config import ReceiverConfig
 from receiver.errors import IngestError, InvalidId, LengthRequired
+from receiver.events import RequestEvent
 from receiver.gate import VersionGate
 from receiver.index import JsonlIndex
 from receiver.ingest import Ingestor, Reply, UploadHeaders
 from receiver.limits import UploadAdmission, with_body_timeout
 from receiver.locks import EpisodeLocks
+from receiver.status_page import render_status_page
 from receiver.store import FilesystemStore
+from receiver.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +97,15 @@ def _content_length(request: Request) -> int | None:
 
 def create_app(config: ReceiverConfig) -> Starlette:
     storage = config.storage
+    server = config.server
     store = FilesystemStore(storage.data_dir)
     index = JsonlIndex(storage.data_dir / "index.jsonl")
     gate = VersionGate(config.version_gate)
-    server = config.server
+    telemetry = Telemetry()
+    tokens = None
+    if config.auth.mode == "tokens":
+        assert config.auth.tokens_file is not None
+        tokens = TokenStore(config.auth.tokens_file)
     admission = UploadAdmission(
         server.max_concurrent_uploads,
         server.max_concurrent_uploads_per_host,
@@ -107,7 +117,9 @@ def create_app(config: ReceiverConfig) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store.prepare()
-        index.load(strict=False)
+        await asyncio.to_thread(index.load, strict=False)
+        if tokens is not None:
+            tokens.load()
         locks = EpisodeLocks(storage.data_dir / "episodes.lock")
         await gate.start()
         _stop_admitting_on_sigterm(admission)
@@ -122,60 +134,92 @@ def create_app(config: ReceiverConfig) -> Starlette:
             await gate.close()
             locks.close()
 
-    async def put_episode(request: Request) -> Response:
+    def finished(
+        request: Request, started: float, status: int, outcome: str, body: Mapping[str, Any]
+    ) -> None:
+        """One log line and one telemetry event per episode request."""
+        host_id = str(request.path_params.get("host_id", request.url.path))[:200]
+        episode_id = str(request.path_params.get("episode_id", ""))[:200]
+        duration = time.monotonic() - started
+        size = int(body.get("size_bytes") or 0)
+        commit = body.get("commit") or body.get("your_commit")
+        behind_by = body.get("behind_by")
+        log.info(
+            "%s host=%s episode=%s status=%d outcome=%s bytes=%d duration=%.3fs commit=%s",
+            request.method,
+            host_id,
+            episode_id,
+            status,
+            outcome,
+            size,
+            duration,
+            commit,
+        )
+        telemetry.request_finished(
+            RequestEvent(
+                method=request.method,
+                host_id=host_id,
+                episode_id=episode_id,
+                status=status,
+                outcome=outcome,
+                size_bytes=size,
+                duration_seconds=duration,
+                commit=str(commit) if commit else None,
+                behind_by=behind_by if isinstance(behind_by, int) else None,
+                finished_at=time.time(),
+            )
+        )
+
+    async def episode_request(request: Request) -> Response:
+        started = time.monotonic()
+        head = request.method == "HEAD"
         host_id = request.path_params["host_id"]
         episode_id = request.path_params["episode_id"]
-        started = time.monotonic()
-        outcome = "error"
-        status = 500
-        size = 0
+        commit_value = request.headers.get(header_name)
         try:
-            headers = UploadHeaders(
-                commit=request.headers.get(header_name),
-                content_length=_content_length(request),
-                content_digest=request.headers.get("content-digest"),
-            )
-            body = with_body_timeout(request.stream(), server.body_timeout_seconds)
-            reply = await state["ingestor"].put(host_id, episode_id, headers, body)
-            status, outcome = reply.status_code, str(reply.body.get("status", ""))
-            size = int(reply.body.get("size_bytes") or 0)
-            return _render(reply)
+            if tokens is not None:
+                tokens.authorize(host_id, request.headers.get("authorization"))
+            ingestor = state["ingestor"]
+            if head:
+                reply = await ingestor.head(host_id, episode_id, commit_value)
+            else:
+                headers = UploadHeaders(
+                    commit=commit_value,
+                    content_length=_content_length(request),
+                    content_digest=request.headers.get("content-digest"),
+                )
+                body = with_body_timeout(request.stream(), server.body_timeout_seconds)
+                reply = await ingestor.put(host_id, episode_id, headers, body)
         except IngestError as error:
-            status, outcome = error.status_code, error.code
-            return _error_response(error)
+            finished(request, started, error.status_code, error.code, error.body())
+            return _error_response(error, head)
         except ClientDisconnect:
-            status, outcome = 499, "client-disconnected"
+            finished(request, started, 499, "client-disconnected", {})
             return Response(status_code=400)
-        finally:
-            log.info(
-                "PUT host=%s episode=%s status=%d outcome=%s bytes=%d duration=%.3fs",
-                host_id[:128],
-                episode_id[:128],
-                status,
-                outcome,
-                size,
-                time.monotonic() - started,
-            )
-
-    async def head_episode(request: Request) -> Response:
-        try:
-            reply = await state["ingestor"].head(
-                request.path_params["host_id"],
-                request.path_params["episode_id"],
-                request.headers.get(header_name),
-            )
-            return _render(reply, head=True)
-        except IngestError as error:
-            return _error_response(error, head=True)
-
-    async def episode_dispatch(request: Request) -> Response:
-        if request.method == "PUT":
-            return await put_episode(request)
-        return await head_episode(request)
+        outcome = str(reply.body.get("status", "stored" if reply.status_code < 300 else ""))
+        if head:
+            outcome = {200: "present", 404: "absent"}.get(reply.status_code, outcome)
+        finished(request, started, reply.status_code, outcome, reply.body)
+        return _render(reply, head)
 
     async def invalid_episode_path(request: Request) -> Response:
         error = InvalidId("the path must be /episodes/{host_id}/{episode_id}")
         return _error_response(error, head=request.method == "HEAD")
+
+    def read_endpoint(
+        handler: Callable[[Request], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """/, /metrics, /healthz and /gate: open, unless auth.protect_read_endpoints."""
+
+        async def guarded(request: Request) -> Response:
+            if tokens is not None and config.auth.protect_read_endpoints:
+                try:
+                    tokens.authorize_any(request.headers.get("authorization"))
+                except IngestError as error:
+                    return _error_response(error)
+            return await handler(request)
+
+        return guarded
 
     async def gate_answer(request: Request) -> Response:
         try:
@@ -184,16 +228,36 @@ def create_app(config: ReceiverConfig) -> Starlette:
             return _error_response(error)
 
     async def healthz(request: Request) -> Response:
-        return _json(
-            200,
-            {
-                "status": "ok",
-                "version": __version__,
-                "pid": os.getpid(),
-                "gate": gate.state(),
-                "index_rows": len(index),
-            },
+        body = {
+            "status": "ok",
+            "version": __version__,
+            "pid": os.getpid(),
+            "gate": gate.state(),
+            "index_rows": len(index),
+            "uploads_in_progress": admission.active,
+            "shutting_down": admission.shutting_down,
+        }
+        return _json(200, body)
+
+    async def metrics(request: Request) -> Response:
+        await asyncio.to_thread(index.refresh)
+        telemetry.set_gauges(free_bytes=store.free_bytes(), index_rows=len(index))
+        body, content_type = telemetry.render_metrics(gate.state())
+        return Response(body, media_type=content_type)
+
+    async def status_page(request: Request) -> Response:
+        await asyncio.to_thread(index.refresh)
+        page = await asyncio.to_thread(
+            lambda: render_status_page(
+                rows=index.rows(),
+                gate_state=gate.state(),
+                gate_positions=gate.position,
+                telemetry=telemetry,
+                now=time.time(),
+                version=__version__,
+            )
         )
+        return HTMLResponse(page)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -201,10 +265,12 @@ def create_app(config: ReceiverConfig) -> Starlette:
         return _json(exc.status_code, {"error": code, "detail": exc.detail}, exc.headers)
 
     routes = [
-        Route("/episodes/{host_id}/{episode_id}", episode_dispatch, methods=["PUT", "HEAD"]),
+        Route("/episodes/{host_id}/{episode_id}", episode_request, methods=["PUT", "HEAD"]),
         Route("/episodes/{rest:path}", invalid_episode_path, methods=["PUT", "HEAD"]),
-        Route("/gate/{commit}", gate_answer, methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
+        Route("/gate/{commit}", read_endpoint(gate_answer), methods=["GET"]),
+        Route("/healthz", read_endpoint(healthz), methods=["GET"]),
+        Route("/metrics", read_endpoint(metrics), methods=["GET"]),
+        Route("/", read_endpoint(status_page), methods=["GET"]),
     ]
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}

@@ -156,6 +156,12 @@ class VersionGate:
             "refreshes": self._refreshes,
         }
 
+    def position(self, commit: str) -> int | None:
+        """behind_by of a commit in the current window, or None (outside it, or not loaded)."""
+        if self._window is None:
+            return None
+        return self._window.positions.get(commit.lower())
+
     def _lookup(self, commit: str) -> GateVerdict | None:
         assert self._window is not None
         behind_by = self._window.positions.get(commit)

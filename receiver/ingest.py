@@ -166,15 +166,6 @@ class Ingestor:
         except DurabilityError as error:
             self._on_fatal(str(error))
         await asyncio.to_thread(self.store.forget_temp, blob)
-        log.info(
-            "stored host=%s episode=%s bytes=%d sha256=%s commit=%s behind_by=%s",
-            host_id,
-            episode_id,
-            sink.size,
-            sha256,
-            recorded,
-            verdict.behind_by,
-        )
         reply = Reply(
             201,
             {

@@ -185,7 +185,8 @@ def test_twelve_hosts_uploading_concurrently_lose_nothing(
     uploads = {(f"lab-{h:02d}", f"ep-{e}"): make_tarball(head) for h in range(12) for e in range(5)}
 
     def one(key: tuple[str, str]) -> int:
-        return put(receiver.url, f"/episodes/{key[0]}/{key[1]}", uploads[key], head).status_code
+        path = f"/episodes/{key[0]}/{key[1]}"
+        return put_retrying(receiver.url, path, uploads[key], head).status_code
 
     with ThreadPoolExecutor(12) as pool:
         statuses = list(pool.map(one, uploads))
