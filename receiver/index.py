@@ -22,6 +22,7 @@ from typing import Protocol
 import msgspec
 
 from episode_common.durable import fsync_dir
+from receiver import failpoints
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +245,7 @@ class JsonlIndex:
             before = os.fstat(fd).st_size
             created = before == 0 and self._inode is None
             try:
+                failpoints.torn_write(failpoints.DURING_INDEX_APPEND, fd, line)
                 written = os.write(fd, line)
                 if written != len(line):
                     raise OSError(f"short write to index ({written} of {len(line)} bytes)")

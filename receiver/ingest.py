@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from receiver import failpoints
 from receiver.config import ReceiverConfig
 from receiver.digests import format_digest, parse_content_digest
 from receiver.errors import (
@@ -146,6 +147,7 @@ class Ingestor:
                     f"Content-Digest says sha-256 {declared}, the body has {sha256}"
                 )
             recorded = self._reconcile_commit(commit, summary.meta_commit if summary else None)
+            failpoints.hit(failpoints.AFTER_TEMP_WRITE)
             try:
                 installed = await asyncio.to_thread(self.store.install, blob)
             except OSError as error:
@@ -160,12 +162,15 @@ class Ingestor:
             stored = await self._stored_row(host_id, episode_id)
             assert stored is not None
             return self._by_content(stored, sha256)
+        failpoints.hit(failpoints.AFTER_INSTALL)
         row = new_row(host_id, episode_id, sha256, sink.size, recorded)
         try:
             row, _appended = await asyncio.to_thread(self.index.append_if_absent, row)
         except DurabilityError as error:
             self._on_fatal(str(error))
+        failpoints.hit(failpoints.AFTER_INDEX_APPEND)
         await asyncio.to_thread(self.store.forget_temp, blob)
+        failpoints.hit(failpoints.BEFORE_RESPONSE)
         reply = Reply(
             201,
             {

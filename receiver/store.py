@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from episode_common.durable import fsync_dir, make_dirs_durable
+from receiver import failpoints
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class FilesystemStore:
         Raises OSError from fsync: the caller must treat that as fatal.
         """
         os.fsync(blob.fd)
+        failpoints.hit(failpoints.AFTER_FSYNC)
         os.close(blob.fd)
         blob.fd = -1
         final = self.final_path(blob.host_id, blob.episode_id)
