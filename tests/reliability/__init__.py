@@ -1,0 +1,1 @@
+"""Reliability suite: crash points, full disks, abusive clients, a model-based test."""
