@@ -94,7 +94,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         return run_server(config, log_level=args.log_level)
     except StartupError as error:
-        fail(PROG, str(error))
+        fail(PROG, str(error), code=error.exit_code)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import msgspec
 
-from episode_common.durable import fsync_dir
+from episode_common.durable import atomic_write, fsync_dir
 from receiver import failpoints
 
 log = logging.getLogger(__name__)
@@ -207,12 +207,7 @@ class JsonlIndex:
             torn = os.pread(fd, size - keep, keep)
             stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
             side = self.path.with_name(f"{self.path.name}.torn-{stamp}")
-            side.write_bytes(torn)
-            side_fd = os.open(side, os.O_RDONLY)
-            try:
-                os.fsync(side_fd)
-            finally:
-                os.close(side_fd)
+            atomic_write(side, torn)  # all or nothing: a full disk leaves no empty copy behind
             os.ftruncate(fd, keep)
             os.fsync(fd)
             fsync_dir(self.path.parent)

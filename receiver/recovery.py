@@ -13,7 +13,7 @@ import logging
 import os
 
 from receiver.config import ReceiverConfig
-from receiver.index import IndexCorrupt, JsonlIndex, new_row
+from receiver.index import DurabilityError, IndexCorrupt, JsonlIndex, new_row
 from receiver.store import FilesystemStore, file_digest
 
 log = logging.getLogger(__name__)
@@ -21,6 +21,14 @@ log = logging.getLogger(__name__)
 
 class StartupError(Exception):
     """The receiver cannot start; str() is the one line to show."""
+
+    exit_code = 2  # a person must look; restarting will not help
+
+
+class RecoveryIOError(StartupError):
+    """The disk refused recovery's writes (full, failing): a restart may succeed later."""
+
+    exit_code = 70  # as for an fsync failure while serving: restart and recover again
 
 
 def take_instance_lock(config: ReceiverConfig) -> int:
@@ -40,6 +48,17 @@ def take_instance_lock(config: ReceiverConfig) -> int:
 
 
 def recover(config: ReceiverConfig) -> None:
+    try:
+        _recover(config)
+    except (DurabilityError, OSError) as error:
+        # A full or failing disk: one line and exit 70 (systemd restarts us), no traceback.
+        raise RecoveryIOError(
+            f"recovery failed on {config.storage.data_dir}: {error}; "
+            "free space or fix the disk, then start again"
+        ) from None
+
+
+def _recover(config: ReceiverConfig) -> None:
     store = FilesystemStore(config.storage.data_dir)
     store.prepare()
     index = JsonlIndex(config.storage.data_dir / "index.jsonl")
