@@ -246,6 +246,7 @@ def _init(args: argparse.Namespace) -> int:
         + tomli_w.dumps(data)
     )
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
         with open(output, "x", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()

@@ -87,6 +87,8 @@ class Daemon:
         retention.finish_interrupted_deletions(spool_dir)
         if recovered := self.queue.recover():
             log.info("resuming %d episode(s) interrupted by a crash or restart", recovered)
+        if orphans := self.pipeline.collect_garbage():
+            log.info("removed %d packed copy(ies) left without an episode", orphans)
         if self.once:
             self.queue.make_due_now()
         await self._scan(None)

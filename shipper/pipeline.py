@@ -12,6 +12,7 @@ import logging
 import random
 import threading
 import time
+from pathlib import Path
 
 from shipper.backoff import ReceiverHealth, backoff_seconds
 from shipper.config import ShipperConfig
@@ -27,7 +28,7 @@ from shipper.pack import PackAborted, Packed, PackError, hash_file, pack_directo
 from shipper.progress import Progress
 from shipper.queue import Queue
 from shipper.spool import BadEpisode, Entry, Kind, read_commit
-from shipper.states import Episode, ReceiverState
+from shipper.states import Episode, ReceiverState, State
 from shipper.upload import LocalFileChanged, ReceiverClient, ReceiverUnreachable
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class Pipeline:
             commit = episode.commit
             if commit is None:
                 commit = await asyncio.to_thread(read_commit, entry)
-            if self._refused(episode_id, commit):
+            if self._refused(episode, commit):
                 return
             self.queue.set_commit(episode_id, commit)
             started = time.monotonic()
@@ -114,12 +115,14 @@ class Pipeline:
             stop=self.stop_packing,
         )
 
-    def _refused(self, episode_id: str, commit: str) -> bool:
+    def _refused(self, episode: Episode, commit: str) -> bool:
         """Park the episode without any request when its commit was refused before."""
         refusal = self.queue.refusal(commit)
         if refusal is None:
             return False
+        episode_id = episode.episode_id
         self.queue.fatal(episode_id, refusal.reason, refusal.remediation)
+        self._drop_packed_copy(episode)
         log.error("%s: commit %s was refused earlier; parked without upload", episode_id, commit)
         return True
 
@@ -141,7 +144,7 @@ class Pipeline:
             self.queue.forget_packed(episode_id)
             self.health.abandoned(token)
             return
-        if self._refused(episode_id, episode.commit) or not self.queue.start_upload(episode_id):
+        if self._refused(episode, episode.commit) or not self.queue.start_upload(episode_id):
             self.health.abandoned(token)
             return
         try:
@@ -217,8 +220,9 @@ class Pipeline:
             log.info("%s: shipped (%s, sha256 %s)", episode_id, outcome.reason, episode.sha256)
             self._drop_packed_copy(episode)
             if outcome.behind_by_warning and episode.commit not in self.warned_commits:
+                # Once per commit and process: a hint, not an alarm for every episode.
                 self.warned_commits.add(str(episode.commit))
-                log.warning("commit %s: %s", episode.commit, outcome.behind_by_warning)
+                log.warning("%s: the receiver warns: %s", episode_id, outcome.behind_by_warning)
         elif verdict is Verdict.STALE:
             self._stale(episode, outcome)
         elif verdict is Verdict.DIGEST_MISMATCH:
@@ -244,6 +248,9 @@ class Pipeline:
         self.queue.fatal(episode.episode_id, outcome.reason, outcome.remediation)
         self._drop_packed_copy(episode)
         new, parked = self.queue.refuse_commit(commit, outcome.reason, outcome.remediation)
+        for other_id in parked:
+            if (other := self.queue.get(other_id)) is not None:
+                self._drop_packed_copy(other)
         if not new:
             return
         others = f"; also parked: {', '.join(parked)}" if parked else ""
@@ -257,6 +264,25 @@ class Pipeline:
             others,
             remediation.rstrip("\n"),
         )
+
+    def collect_garbage(self) -> int:
+        """At start: delete packed copies that a crash left without a waiting episode.
+
+        A kill between "shipped"/"fatal" and the unlink, or between the rename of a
+        finished pack and its record, leaves such files; they are only disk space.
+        """
+        keep: set[Path] = set()
+        for episode in self.queue.packed_copies():
+            if episode.state in (State.SHIPPED, State.FATAL):
+                self._drop_packed_copy(episode)
+            elif episode.packed_path is not None:
+                keep.add(episode.packed_path)
+        removed = 0
+        for path in self.packed_dir.glob("*.tar.zst"):
+            if path not in keep:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def _drop_packed_copy(self, episode: Episode) -> None:
         """Once shipped or parked, our tarball of a directory is only a second copy on disk."""

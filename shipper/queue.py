@@ -343,6 +343,13 @@ class Queue:
         )
         return cursor.rowcount == 1
 
+    def packed_copies(self) -> list[Episode]:
+        """Directory episodes that point at a packed copy of ours, in any state."""
+        rows = self.conn.execute(
+            "SELECT * FROM episodes WHERE kind = ? AND packed_path IS NOT NULL", (Kind.DIRECTORY,)
+        )
+        return [Episode.from_row(row) for row in rows]
+
     def save_receiver(self, state: ReceiverState) -> None:
         self.conn.execute(
             "INSERT OR REPLACE INTO receiver (id, failures, next_try, last_error, updated_at)"
