@@ -191,6 +191,18 @@ class JsonlIndex:
         finally:
             os.close(fd)  # closing releases the flock
 
+    def torn_tail_bytes(self) -> int:
+        """Size of an incomplete last line (0 if none); read-only, for reports and dry runs."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return 0
+        try:
+            size = os.fstat(fd).st_size
+            return size - _end_of_last_complete_line(fd, size)
+        finally:
+            os.close(fd)
+
     def repair_torn_tail(self) -> int:
         """Cut an incomplete last line (keeping a copy beside the index). Call under locked()."""
         try:

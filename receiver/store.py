@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -59,9 +60,10 @@ class BlobStore(Protocol):
 
 
 class FilesystemStore:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, episodes_dir: Path | None = None) -> None:
+        # episodes_dir: the operator tools may audit a tree that lives elsewhere (a restored copy).
         self.data_dir = data_dir
-        self.episodes_dir = data_dir / "episodes"
+        self.episodes_dir = data_dir / "episodes" if episodes_dir is None else episodes_dir
         self.tmp_dir = data_dir / "tmp"
 
     def prepare(self) -> None:
@@ -171,12 +173,15 @@ def _same_file(a: Path, b: Path) -> bool:
         raise
 
 
-def file_digest(path: Path) -> tuple[str, int]:
-    """sha256 and size of a file, read in blocks."""
+def file_digest(path: Path, on_block: Callable[[bytes], None] | None = None) -> tuple[str, int]:
+    """sha256 and size of a file, read in blocks; on_block sees each block after hashing
+    (progress, a second consumer); an exception it raises aborts the read."""
     sha = hashlib.sha256()
     size = 0
     with path.open("rb", buffering=0) as handle:
         while block := handle.read(READ_BLOCK):
             sha.update(block)
             size += len(block)
+            if on_block is not None:
+                on_block(block)
     return sha.hexdigest(), size

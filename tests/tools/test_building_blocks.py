@@ -1,0 +1,129 @@
+"""The pieces under the two CLIs: progress bar, bounded parallel reads, raw index lines."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from receiver.index import JsonlIndex, encode_row, new_row
+from receiver.store import FilesystemStore, file_digest
+from tools.index_lines import MAX_LINE, read_snapshot
+from tools.progress import Progress
+from tools.scan import Cancelled, bounded_map
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_drawn_on_a_terminal_with_files_bytes_and_rate() -> None:
+    terminal = FakeTerminal()
+    progress = Progress("verify", 2, 4 * 1024 * 1024, terminal)
+    progress.add_bytes(4 * 1024 * 1024)
+    progress.file_done()
+    progress.close()
+    drawn = terminal.getvalue()
+    assert "1/2 files" in drawn and "4.0 MiB/4.0 MiB" in drawn and "MB/s" in drawn
+    assert drawn.startswith("\r") and drawn.endswith("\n")
+
+
+def test_progress_draws_nothing_when_not_a_terminal() -> None:
+    pipe = io.StringIO()
+    progress = Progress("verify", 1, 10, pipe)
+    progress.add_bytes(10)
+    progress.file_done()
+    progress.close()
+    assert pipe.getvalue() == ""
+
+
+def test_file_digest_hands_every_block_to_on_block(tmp_path: Path) -> None:
+    data = os.urandom(2 * 1024 * 1024 + 17)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    blocks: list[bytes] = []
+    assert file_digest(path, blocks.append) == (hashlib.sha256(data).hexdigest(), len(data))
+    assert b"".join(blocks) == data and len(blocks) == 3
+
+
+def test_filesystem_store_may_name_its_episodes_dir(tmp_path: Path) -> None:
+    store = FilesystemStore(tmp_path, episodes_dir=tmp_path / "restored")
+    assert store.final_path("h", "e") == tmp_path / "restored" / "h" / "e.tar.zst"
+    assert FilesystemStore(tmp_path).episodes_dir == tmp_path / "episodes"
+
+
+def test_bounded_map_pulls_at_most_twice_the_workers_ahead_of_the_consumer() -> None:
+    pulled = 0
+    ahead: list[int] = []
+
+    def items() -> Iterator[int]:
+        nonlocal pulled
+        for number in range(40):
+            pulled += 1
+            yield number
+
+    results = {}
+    for number, doubled in bounded_map(lambda n: n * 2, items(), 3, threading.Event()):
+        results[number] = doubled
+        ahead.append(pulled - len(results))
+    assert results == {number: number * 2 for number in range(40)}
+    assert max(ahead) <= 2 * 3
+
+
+def test_bounded_map_ends_soon_after_stop_is_set_and_drops_queued_items() -> None:
+    stop = threading.Event()
+    started: list[int] = []
+
+    def work(number: int) -> int:
+        started.append(number)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if stop.is_set():
+                raise Cancelled
+            time.sleep(0.001)
+        return number
+
+    def consume() -> None:
+        for _ in bounded_map(work, range(100), 2, stop):
+            pass
+
+    def fail_soon() -> None:
+        time.sleep(0.05)
+        stop.set()  # as a KeyboardInterrupt in the consumer does
+
+    threading.Thread(target=fail_soon).start()
+    begun = time.monotonic()
+    with pytest.raises(Cancelled):
+        consume()
+    assert time.monotonic() - begun < 2
+    assert len(started) <= 4
+
+
+def test_index_snapshot_reports_an_overlong_line_without_keeping_it(tmp_path: Path) -> None:
+    index = tmp_path / "index.jsonl"
+    row = encode_row(new_row("h", "e", "a" * 64, 1, None))
+    index.write_bytes(row + b"x" * (MAX_LINE * 3) + b"\n" + row)
+    snapshot = read_snapshot(index)
+    assert [bad.line for bad in snapshot.bad_lines] == [2]
+    assert "longer than" in snapshot.bad_lines[0].error
+    assert [numbered.line for numbered in snapshot.rows] == [1, 3]
+    assert snapshot.torn_tail is None and snapshot.size == index.stat().st_size
+
+
+def test_index_torn_tail_bytes_measures_without_cutting(tmp_path: Path) -> None:
+    path = tmp_path / "index.jsonl"
+    index = JsonlIndex(path)
+    assert index.torn_tail_bytes() == 0  # no index yet
+    row = encode_row(new_row("h", "e", "a" * 64, 1, None))
+    path.write_bytes(row)
+    assert index.torn_tail_bytes() == 0
+    path.write_bytes(row + b'{"half a')
+    assert index.torn_tail_bytes() == 8
+    assert path.read_bytes() == row + b'{"half a'
