@@ -20,6 +20,7 @@ from receiver.config import ReceiverConfig
 from receiver.digests import format_digest, parse_content_digest
 from receiver.errors import (
     CommitMismatch,
+    Conflict,
     DigestMismatch,
     IngestError,
     InsufficientStorage,
@@ -90,14 +91,19 @@ class Ingestor:
                 )
             try:
                 stored = await self._stored_row(host_id, episode_id)
-                if stored is not None:
+                lost = stored is not None and not await self._file_present(host_id, episode_id)
+                if stored is not None and not lost:
                     return await self._answer_stored(stored, declared, body)
-                verdict = await self.gate.check(commit)
+                # A lost file (indexed, but gone from disk) is restored from the same content
+                # without a second row; like a retry, it is not refused as stale.
+                verdict = GateVerdict(commit, None, 0, None, None) if lost else None
+                if verdict is None:
+                    verdict = await self.gate.check(commit)
                 self._check_size(headers.content_length)
                 needed = headers.content_length or 0
                 with self.admission.reservation(self.store.free_bytes(), needed):
                     return await self._receive(
-                        host_id, episode_id, commit, verdict, declared, body, needed
+                        host_id, episode_id, commit, verdict, declared, body, needed, stored
                     )
             finally:
                 self.locks.release(host_id, episode_id)
@@ -116,6 +122,7 @@ class Ingestor:
         declared: str | None,
         body: AsyncIterator[bytes],
         reserved: int,
+        restore: IndexRow | None = None,
     ) -> Reply:
         storage = self.config.storage
         blob: TempBlob = await asyncio.to_thread(
@@ -147,6 +154,11 @@ class Ingestor:
                     f"Content-Digest says sha-256 {declared}, the body has {sha256}"
                 )
             recorded = self._reconcile_commit(commit, summary.meta_commit if summary else None)
+            if restore is not None and sha256 != restore.sha256:
+                raise Conflict(
+                    "this id is indexed with different content; nothing was stored",
+                    fields={"stored_sha256": restore.sha256},
+                )
             failpoints.hit(failpoints.AFTER_TEMP_WRITE)
             try:
                 installed = await asyncio.to_thread(self.store.install, blob)
@@ -163,11 +175,15 @@ class Ingestor:
             assert stored is not None
             return self._by_content(stored, sha256)
         failpoints.hit(failpoints.AFTER_INSTALL)
-        row = new_row(host_id, episode_id, sha256, sink.size, recorded)
-        try:
-            row, _appended = await asyncio.to_thread(self.index.append_if_absent, row)
-        except DurabilityError as error:
-            self._on_fatal(str(error))
+        if restore is not None:
+            row = restore
+            log.warning("restored lost file of indexed episode host=%s episode=%s", *row.key)
+        else:
+            row = new_row(host_id, episode_id, sha256, sink.size, recorded)
+            try:
+                row, _appended = await asyncio.to_thread(self.index.append_if_absent, row)
+            except DurabilityError as error:
+                self._on_fatal(str(error))
         failpoints.hit(failpoints.AFTER_INDEX_APPEND)
         await asyncio.to_thread(self.store.forget_temp, blob)
         failpoints.hit(failpoints.BEFORE_RESPONSE)
@@ -231,6 +247,9 @@ class Ingestor:
             log.warning("indexed stored file that had no row: host=%s episode=%s", *row.key)
         return row
 
+    async def _file_present(self, host_id: str, episode_id: str) -> bool:
+        return await asyncio.to_thread(self.store.exists, host_id, episode_id)
+
     async def _answer_stored(
         self, stored: IndexRow, declared: str | None, body: AsyncIterator[bytes]
     ) -> Reply:
@@ -275,7 +294,7 @@ class Ingestor:
         check_id("host_id", host_id)
         check_id("episode_id", episode_id)
         stored = await self._stored_row(host_id, episode_id)
-        if stored is not None:
+        if stored is not None and await self._file_present(host_id, episode_id):
             return Reply(
                 200,
                 headers={
@@ -283,8 +302,8 @@ class Ingestor:
                     "X-Episode-Size": str(stored.size_bytes),
                 },
             )
-        if commit_value is None:
-            return Reply(404)
+        if stored is not None or commit_value is None:
+            return Reply(404)  # a lost file is asked for again, whatever the window says
         verdict = await self.gate.check(self.gate.parse_header(commit_value))
         reply = Reply(404)
         _add_warning(reply, verdict)

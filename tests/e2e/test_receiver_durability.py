@@ -323,3 +323,27 @@ def test_rows_appended_by_another_process_are_picked_up(
     assert other.json()["stored_sha256"] == row["sha256"]
     assert len(index_rows(tmp_path / "data")) == 1
     add_commit(repo)
+
+
+def test_indexed_episode_whose_file_was_lost_is_restored_by_a_reupload(
+    tmp_path: Path, repo: Path, start_receiver: StartReceiver
+) -> None:
+    receiver = start_receiver(repo, version_gate={"window": 2})
+    head = head_commits(repo, 1)[0]
+    body = make_tarball(head)
+    assert put(receiver.url, "/episodes/h/e", body, head).status_code == 201
+    stored = tmp_path / "data" / "episodes" / "h" / "e.tar.zst"
+    stored.unlink()  # a disk replaced, a file deleted by hand
+    for _ in range(3):
+        add_commit(repo)  # the commit has left the window meanwhile
+    # HEAD no longer claims the episode is stored, so a shipper sends it again ...
+    assert httpx.head(f"{receiver.url}/episodes/h/e", headers={HEADER: head}).status_code == 404
+    # ... other content is refused, the same content restores the file, without a second row.
+    other = put(receiver.url, "/episodes/h/e", make_tarball(head), head)
+    assert other.status_code == 409 and not stored.exists()
+    restored = put(receiver.url, "/episodes/h/e", body, head)
+    assert restored.status_code == 201, restored.text
+    assert stored.read_bytes() == body
+    assert len(index_rows(tmp_path / "data")) == 1
+    assert temp_files(tmp_path / "data") == []
+    assert put(receiver.url, "/episodes/h/e", body, head).status_code == 200
