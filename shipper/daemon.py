@@ -34,17 +34,24 @@ PACK_AHEAD = 2
 MAX_SLEEP = 2.0
 
 
-def _survey(spool_dir: Path, names: set[str] | None, known: set[str]) -> list[tuple[Entry, float]]:
-    """Unknown spool entries that are candidates, with their last change (runs in a thread)."""
-    found = []
+def _survey(
+    spool_dir: Path, names: set[str] | None, known: dict[str, Path]
+) -> tuple[list[tuple[Entry, float]], list[Entry]]:
+    """Unknown candidates with their last change, and entries whose id is already
+    queued from another path (runs in a thread)."""
+    found, clashes = [], []
     for name in sorted(names) if names is not None else sorted(_listdir(spool_dir)):
         entry = entry_for(spool_dir, name)
-        if entry is None or entry.episode_id in known:
+        if entry is None:
+            continue
+        if entry.episode_id in known:
+            if known[entry.episode_id] != entry.path:
+                clashes.append(entry)
             continue
         changed = last_change(entry)
         if changed is not None:
             found.append((entry, changed))
-    return found
+    return found, clashes
 
 
 def _listdir(path: Path) -> list[str]:
@@ -77,6 +84,7 @@ class Daemon:
         self.unsettled: dict[str, float] = {}  # name -> when to look again
         self.events_at: dict[str, float] = {}  # name -> time of its last file-system event
         self.dirty: set[str] = set()
+        self.reported: set[Path] = set()  # duplicate ids already warned about
         self.wake = asyncio.Event()
         self.unfinished_at_start = 0
 
@@ -132,8 +140,10 @@ class Daemon:
 
     async def _scan(self, names: set[str] | None) -> None:
         """Register settled entries; remember when to look again at the others."""
-        known = self.queue.known_ids()
-        found = await asyncio.to_thread(_survey, self.config.spool_dir, names, known)
+        known = self.queue.known_sources()
+        found, clashes = await asyncio.to_thread(_survey, self.config.spool_dir, names, known)
+        for entry in clashes:
+            self._report_clash(entry, known[entry.episode_id])
         now = time.time()
         if names is None:
             self.unsettled = {}
@@ -154,11 +164,25 @@ class Daemon:
             error = None
             if not ID_PATTERN.fullmatch(entry.episode_id):
                 error = "invalid episode id: must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-            if self.queue.add(entry.episode_id, entry.path, entry.kind, error):
-                if error:
-                    log.error("%s: not shipped: %s", name, error)
-                else:
-                    log.info("%s: finished, queued (%s)", entry.episode_id, entry.kind)
+            if not self.queue.add(entry.episode_id, entry.path, entry.kind, error):
+                # Both <id>/ and <id>.tar.zst turned up in this same scan.
+                if (first := self.queue.get(entry.episode_id)) is not None:
+                    self._report_clash(entry, first.source)
+            elif error:
+                log.error("%s: not shipped: %s", name, error)
+            else:
+                log.info("%s: finished, queued (%s)", entry.episode_id, entry.kind)
+
+    def _report_clash(self, entry: Entry, first: Path) -> None:
+        """Once per path: an id is shipped once, from the entry that was found first."""
+        if entry.path not in self.reported:
+            self.reported.add(entry.path)
+            log.warning(
+                "%s: ignored: episode id %s is already queued from %s",
+                entry.path,
+                entry.episode_id,
+                first,
+            )
 
     async def _sweep(self) -> None:
         spool_dir, packed_dir = self.config.spool_dir, self.pipeline.packed_dir

@@ -143,7 +143,10 @@ def pack_directory(
     threads: int = 0,
     stop: threading.Event | None = None,
 ) -> Packed:
-    """Write `<dest_dir>/<episode_id>.tar.zst` from the directory `source`."""
+    """Write `<dest_dir>/<episode_id>.tar.zst` from the directory `source`.
+
+    threads is zstd's nb_workers: 0 compresses in this thread, N >= 1 uses N workers.
+    """
     final = dest_dir / f"{episode_id}.tar.zst"
     tmp = dest_dir / f".{episode_id}.{secrets.token_hex(6)}.tmp"
     root = source.resolve()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import threading
 import time
@@ -77,7 +78,7 @@ class Pipeline:
             self.queue.finish_packing(episode_id, packed.path, packed.sha256, packed.size_bytes)
             elapsed = max(time.monotonic() - started, 1e-6)
             log.info(
-                "%s %s: %.1f MiB, sha256 %s, %.1f s (%.0f MiB/s)",
+                "%s %s: %.1f MiB, sha256 %s, %.2f s (%.0f MiB/s)",
                 "packed" if episode.kind is Kind.DIRECTORY else "hashed",
                 episode_id,
                 packed.size_bytes / MiB,
@@ -106,12 +107,14 @@ class Pipeline:
     def _pack(self, entry: Entry) -> Packed:
         if entry.kind is Kind.TARBALL:
             return hash_file(entry.path, self.stop_packing)
+        # zstd_threads = 0 means one worker per core (zstd's own 0 means no workers).
+        threads = self.config.zstd_threads or os.cpu_count() or 1
         return pack_directory(
             entry.path,
             self.packed_dir,
             entry.episode_id,
             level=self.config.zstd_level,
-            threads=self.config.zstd_threads,
+            threads=threads,
             stop=self.stop_packing,
         )
 

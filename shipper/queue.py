@@ -97,8 +97,10 @@ class Queue:
         )
         return cursor.rowcount == 1
 
-    def known_ids(self) -> set[str]:
-        return {row[0] for row in self.conn.execute("SELECT episode_id FROM episodes")}
+    def known_sources(self) -> dict[str, Path]:
+        """Every episode id ever queued, with the spool entry it came from."""
+        rows = self.conn.execute("SELECT episode_id, source FROM episodes")
+        return {episode_id: Path(source) for episode_id, source in rows}
 
     def get(self, episode_id: str) -> Episode | None:
         row = self.conn.execute(

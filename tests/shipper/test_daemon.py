@@ -112,8 +112,10 @@ def test_a_stale_commit_is_fatal_for_all_its_episodes_without_any_body(
         episode = result.episodes[f"old-{n}"]
         assert episode.state is State.FATAL and episode.remediation == REMEDIATION
         assert (config.spool_dir / f"old-{n}" / "meta.json").exists()
-    blocks = [r.getMessage() for r in caplog.records if REMEDIATION.rstrip() in r.getMessage()]
-    assert len(blocks) == 1 and caplog.records[0].levelno == logging.ERROR
+    blocks = [r for r in caplog.records if REMEDIATION.rstrip() in r.getMessage()]
+    assert len(blocks) == 1 and blocks[0].levelno == logging.ERROR
+    # Parked directories are still the copy; packed ones of ours are not kept.
+    assert list((config.state_dir / "packed").iterdir()) == []
 
 
 def test_a_412_answer_to_put_also_parks_the_commit(tmp_path: Path) -> None:
@@ -310,3 +312,27 @@ def test_uploads_run_concurrently_up_to_the_limit(tmp_path: Path) -> None:
         write_episode(config.spool_dir, f"ep-{n}")
     assert ship_once(config, receiver).counts["shipped"] == 10
     assert receiver.max_in_flight == 3
+
+
+def test_an_id_present_as_directory_and_tarball_is_shipped_once_and_reported(
+    tmp_path: Path, receiver: FakeReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(tmp_path)
+    write_episode(config.spool_dir, "ep-1")
+    write_tarball(config.spool_dir, "ep-1")
+    with caplog.at_level(logging.WARNING):
+        result = ship_once(config, receiver)
+    assert result.counts["shipped"] == 1 and len(receiver.puts()) == 1
+    assert result.episodes["ep-1"].source == config.spool_dir / "ep-1"
+    assert any("ep-1.tar.zst: ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_packed_copies_a_crash_orphaned_are_removed_at_start(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    packed = config.state_dir / "packed"
+    packed.mkdir(parents=True)
+    (packed / "ghost.tar.zst").write_bytes(b"renamed into place, never recorded")
+    (packed / ".ghost.0a1b2c.tmp").write_bytes(b"half written")
+    write_episode(config.spool_dir, "ep-1")
+    assert ship_once(config, FakeReceiver()).counts["shipped"] == 1
+    assert list(packed.iterdir()) == []

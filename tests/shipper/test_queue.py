@@ -38,7 +38,7 @@ def test_adding_an_episode_twice_keeps_the_first(queue: Queue) -> None:
     assert not queue.add("ep-1", Path("/spool/ep-1.tar.zst"), Kind.TARBALL)
     episode = queue.get("ep-1")
     assert episode is not None and episode.kind is Kind.DIRECTORY
-    assert episode.state is State.PENDING and queue.known_ids() == {"ep-1"}
+    assert episode.state is State.PENDING and set(queue.known_sources()) == {"ep-1"}
 
 
 def test_an_episode_added_with_an_error_is_fatal_with_that_reason(queue: Queue) -> None:
@@ -186,7 +186,7 @@ def test_every_acknowledged_change_survives_kill_9(tmp_path: Path) -> None:
         child.wait()
         queue = Queue.open(state)
         assert queue.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        known = queue.known_ids()
+        known = set(queue.known_sources())
         assert set(acknowledged) <= known
         for episode_id in acknowledged:
             episode = queue.get(episode_id)
