@@ -1,4 +1,4 @@
-"""The shipper's config: the documented example loads and names every key; checks beyond types."""
+"""The shipper's config: defaults, invalid keys, relative paths, the documented example."""
 
 from __future__ import annotations
 
@@ -88,3 +88,42 @@ def test_bad_values_name_their_key(tmp_path: Path, overrides: dict[str, Any], ke
     with pytest.raises(ConfigError) as error:
         from_mapping(base(**overrides), "x.toml", tmp_path)
     assert error.value.key == key and "x.toml" in str(error.value)
+
+
+MINIMAL = (
+    'host_id = "lab-01"\nreceiver_url = "http://127.0.0.1:8080/"\n'
+    'spool_dir = "spool"\nstate_dir = "state"\n'
+)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "shipper.toml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_shipper_config_has_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.receiver_url == "http://127.0.0.1:8080"
+    assert config.spool_dir == tmp_path.resolve() / "spool"
+    assert config.token_file is None
+    assert config.commit_header == "X-Code-Commit"
+    assert config.retry.base_seconds == 1.0
+    assert config.retention.delete_after_days == 7.0
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (MINIMAL.replace("lab-01", "../etc"), "host_id"),
+        (MINIMAL.replace("http://127.0.0.1:8080/", "ftp://x"), "receiver_url"),
+        (MINIMAL + "concurrency = 0\n", "concurrency"),
+        (MINIMAL + "[retry]\nbase_seconds = 5\nmax_seconds = 1\n", "retry.max_seconds"),
+        (MINIMAL + "[retention]\nkeep = 1\n", "retention.keep"),
+        (MINIMAL.replace('state_dir = "state"\n', ""), "state_dir"),
+    ],
+)
+def test_invalid_shipper_configs_name_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert caught.value.key == key
