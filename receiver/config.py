@@ -43,7 +43,8 @@ class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True):
     allow_anonymous_remote: bool = False
     max_concurrent_uploads: Annotated[int, Meta(ge=1, le=100_000)] = 64
     max_concurrent_uploads_per_host: Annotated[int, Meta(ge=1, le=100_000)] = 4
-    # A client that sends nothing for this long mid-body gets 408 and its temp file is removed.
+    # A body that advances by less than 64 KiB in this long (silence, or a slow drip) gets 408
+    # and its temp file is removed.
     body_timeout_seconds: PositiveSeconds = 60.0
     # On SIGTERM, in-flight uploads get this long to finish before they are aborted.
     shutdown_grace_seconds: Annotated[float, Meta(ge=0)] = 30.0

@@ -22,6 +22,8 @@ from receiver.errors import (
 
 RETRY_AFTER_BUSY = "5"
 RETRY_AFTER_DISK = "60"
+# The least a body must advance per body_timeout_seconds (64 KiB per minute by default).
+MIN_PROGRESS_BYTES = 64 * 1024
 
 
 class UploadAdmission:
@@ -95,14 +97,28 @@ class UploadAdmission:
             )
 
 
-async def with_body_timeout(body: AsyncIterator[bytes], seconds: float) -> AsyncIterator[bytes]:
-    """Yield the body's chunks; a client that sends nothing for `seconds` gets 408."""
+async def with_body_timeout(
+    body: AsyncIterator[bytes], seconds: float, min_progress: int = MIN_PROGRESS_BYTES
+) -> AsyncIterator[bytes]:
+    """Yield the body's chunks; 408 for a client that sends less than min_progress bytes
+    in `seconds` of waiting for it: silence, or a slow drip that would hold a slot forever.
+
+    Only time spent waiting for the client counts, not time spent writing what it sent.
+    """
     iterator = body.__aiter__()
+    loop = asyncio.get_running_loop()
+    waited = 0.0
+    progress = 0
     while True:
+        started = loop.time()
         try:
-            chunk = await asyncio.wait_for(iterator.__anext__(), timeout=seconds)
+            chunk = await asyncio.wait_for(iterator.__anext__(), timeout=max(0.0, seconds - waited))
         except StopAsyncIteration:
             return
         except TimeoutError:
-            raise BodyTimeout(f"no body data for {seconds:g} s") from None
+            raise BodyTimeout(f"less than {min_progress} bytes of body in {seconds:g} s") from None
+        waited += loop.time() - started
+        progress += len(chunk)
+        if progress >= min_progress:
+            waited, progress = 0.0, 0
         yield chunk
