@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import secrets
 import stat
 import tarfile
@@ -47,7 +48,12 @@ class Packed:
 
 
 class _Sink:
-    """Compress, hash and write in one pass; counts the compressed bytes."""
+    """Compress in the caller's thread; hash and write in a writer thread, in order.
+
+    The writer overlaps the disk with compression: a write that blocks on
+    dirty-page writeback no longer stalls the zstd workers. The queue is short,
+    so memory stays bounded (a few zstd output chunks).
+    """
 
     def __init__(self, out: BinaryIO, level: int, threads: int) -> None:
         self.out = out
@@ -60,18 +66,42 @@ class _Sink:
                 zstd.CompressionParameter.checksum_flag: 1,
             }
         )
+        self.chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.writer = threading.Thread(target=self._drain, name="pack-writer", daemon=True)
+        self.writer.start()
+
+    def _drain(self) -> None:
+        try:
+            while (data := self.chunks.get()) is not None:
+                self.digest.update(data)
+                self.out.write(data)
+                self.size += len(data)
+        except BaseException as error:
+            self.error = error
+            while self.chunks.get() is not None:
+                pass  # keep taking, so that the producer never blocks on a full queue
 
     def _emit(self, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
         if data:
-            self.digest.update(data)
-            self.out.write(data)
-            self.size += len(data)
+            self.chunks.put(data)
 
     def write(self, data: bytes | memoryview) -> None:
         self._emit(self.compressor.compress(data))
 
     def finish(self) -> None:
+        """Flush the compressor and wait until every byte is written."""
         self._emit(self.compressor.flush())
+        self.close()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        if self.writer.is_alive():
+            self.chunks.put(None)
+            self.writer.join()
 
 
 def _members(root: Path) -> Iterator[tuple[str, Path, os.stat_result]]:
@@ -151,8 +181,8 @@ def pack_directory(
     tmp = dest_dir / f".{episode_id}.{secrets.token_hex(6)}.tmp"
     root = source.resolve()
     with open(tmp, "xb") as out:
+        sink = _Sink(out, level, threads)
         try:
-            sink = _Sink(out, level, threads)
             written = 0
             for name, path, info in _members(root):
                 member = _tarinfo(name, path, info, root)
@@ -170,6 +200,7 @@ def pack_directory(
             out.flush()
             os.fsync(out.fileno())
         except BaseException:
+            sink.close()
             tmp.unlink(missing_ok=True)
             raise
     os.replace(tmp, final)

@@ -123,7 +123,7 @@ def test_pack_streams_without_holding_the_episode_in_memory(tmp_path: Path) -> N
     source.mkdir()
     (source / "meta.json").write_text("{}")
     with open(source / "big.bin", "wb") as handle:
-        for _ in range(48):
+        for _ in range(64):
             handle.write(os.urandom(1 << 20))
     (tmp_path / "out").mkdir()
     tracemalloc.start()
@@ -134,7 +134,8 @@ def test_pack_streams_without_holding_the_episode_in_memory(tmp_path: Path) -> N
         _current, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 8 << 20, f"peak allocation {peak} bytes for a 48 MiB episode"
+    # Read buffer plus a few queued output chunks, whatever the episode's size.
+    assert peak < 16 << 20, f"peak allocation {peak} bytes for a 64 MiB episode"
 
 
 def test_pack_aborted_midway_leaves_no_output_and_no_temporary(tmp_path: Path) -> None:
