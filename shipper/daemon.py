@@ -86,7 +86,6 @@ class Daemon:
         self.dirty: set[str] = set()
         self.reported: set[Path] = set()  # duplicate ids already warned about
         self.wake = asyncio.Event()
-        self.unfinished_at_start = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         spool_dir, packed_dir = self.config.spool_dir, self.pipeline.packed_dir
@@ -101,7 +100,6 @@ class Daemon:
             self.queue.make_due_now()
         await self._scan(None)
         if self.once and self.unsettled:
-            self.unfinished_at_start = len(self.unsettled)
             log.info(
                 "not finished yet (changed within settle_seconds), left for a later run: %s",
                 ", ".join(sorted(self.unsettled)),
@@ -247,7 +245,13 @@ class Daemon:
                 now = time.time()
                 for name in names:
                     self.events_at[name] = now
-                self.dirty |= names
+                    if name in self.unsettled:
+                        # Still settling: push its deadline instead of walking its
+                        # tree again on every burst of writes.
+                        settled_at = now + self.config.settle_seconds
+                        self.unsettled[name] = max(self.unsettled[name], settled_at)
+                    else:
+                        self.dirty.add(name)
                 self.wake.set()
         except Exception as error:  # inotify limits and friends: rescans carry on
             log.warning("watching %s failed (%s); relying on rescans", self.config.spool_dir, error)

@@ -103,6 +103,10 @@ class Pipeline:
             self.queue.abandon(episode_id)
             log.info("%s: packing abandoned for shutdown", episode_id)
             raise
+        except Exception as error:  # a bug must not leave the episode "packing" for ever
+            delay = self._episode_delay(episode, None)
+            self.queue.retry_later(episode_id, f"unexpected error: {error!r}", time.time() + delay)
+            log.exception("%s: unexpected error while packing", episode_id)
 
     def _pack(self, entry: Entry) -> Packed:
         if entry.kind is Kind.TARBALL:
@@ -161,6 +165,9 @@ class Pipeline:
             self.health.abandoned(token)
             log.info("%s: upload abandoned for shutdown", episode_id)
             raise
+        except Exception as error:  # a bug must not leave the episode "uploading" for ever
+            log.exception("%s: unexpected error while uploading", episode_id)
+            outcome = Outcome(Verdict.RETRY_EPISODE, f"unexpected error: {error!r}")
         self._apply(episode, outcome, token)
 
     async def _exchange(self, episode: Episode) -> Outcome:

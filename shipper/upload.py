@@ -76,7 +76,8 @@ class ReceiverClient:
                 await response.aclose()
         except httpx.TimeoutException as error:
             raise ReceiverUnreachable(f"timeout: {type(error).__name__}") from error
-        except httpx.TransportError as error:
+        except httpx.HTTPError as error:
+            # Transport errors, and answers httpx cannot decode: either way no usable reply.
             reason = str(error) or type(error).__name__
             raise ReceiverUnreachable(f"{type(error).__name__}: {reason}") from error
         headers = {key.lower(): value for key, value in response.headers.items()}

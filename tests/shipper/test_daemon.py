@@ -336,3 +336,17 @@ def test_packed_copies_a_crash_orphaned_are_removed_at_start(tmp_path: Path) -> 
     write_episode(config.spool_dir, "ep-1")
     assert ship_once(config, FakeReceiver()).counts["shipped"] == 1
     assert list(packed.iterdir()) == []
+
+
+def test_an_unexpected_error_in_an_upload_is_retried_not_left_in_flight(tmp_path: Path) -> None:
+    receiver = FakeReceiver()
+
+    async def broken(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("bug in a transport")
+
+    receiver.script = [broken]
+    config = make_config(tmp_path, retry={"base_seconds": 60, "max_seconds": 60})
+    write_episode(config.spool_dir, "ep-1")
+    episode = ship_once(config, receiver).episodes["ep-1"]
+    assert episode.state is State.RETRY_WAIT
+    assert "bug in a transport" in str(episode.last_error)
