@@ -115,7 +115,7 @@ def test_e2e_shipper_killed_at_random_moments_ships_everything_once(
     seed = int(os.environ.get("SHIPPER_CRASH_SEED", time.time_ns() % 100_000))
     print(f"crash loop seed {seed} (SHIPPER_CRASH_SEED reproduces it)")
     crash_loop(
-        tmp_path, start_receiver, good=16, rounds=40, min_kills=12, budget_seconds=12, seed=seed
+        tmp_path, start_receiver, good=12, rounds=40, min_kills=10, budget_seconds=8, seed=seed
     )
 
 

@@ -119,7 +119,7 @@ def test_e2e_receiver_restarted_mid_upload(
     receiver = start_receiver(repo)
     expected = {"big-0", "big-1", "big-2"}
     for episode_id in sorted(expected):
-        write_episode(tmp_path / "spool", episode_id, head, {"data/raw.bin": os.urandom(24 << 20)})
+        write_episode(tmp_path / "spool", episode_id, head, {"data/raw.bin": os.urandom(16 << 20)})
     config = shipper_config(tmp_path, receiver.url, concurrency=1)
     uploads = tmp_path / "data" / "tmp" / "lab-1"
     shipper = ShipperProcess(config).start()
