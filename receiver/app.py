@@ -29,7 +29,7 @@ from receiver.config import ReceiverConfig
 from receiver.errors import IngestError, InvalidId, LengthRequired
 from receiver.events import RequestEvent
 from receiver.gate import VersionGate
-from receiver.index import JsonlIndex
+from receiver.index import open_index
 from receiver.ingest import Ingestor, Reply, UploadHeaders
 from receiver.limits import UploadAdmission, with_body_timeout
 from receiver.locks import EpisodeLocks
@@ -99,7 +99,7 @@ def create_app(config: ReceiverConfig) -> Starlette:
     storage = config.storage
     server = config.server
     store = FilesystemStore(storage.data_dir)
-    index = JsonlIndex(storage.data_dir / "index.jsonl")
+    index = open_index(storage.data_dir / "index.jsonl")
     gate = VersionGate(config.version_gate)
     telemetry = Telemetry()
     tokens = None
@@ -117,7 +117,7 @@ def create_app(config: ReceiverConfig) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store.prepare()
-        await asyncio.to_thread(index.load, strict=False)
+        await asyncio.to_thread(index.load_once)
         if tokens is not None:
             tokens.load()
         locks = EpisodeLocks(storage.data_dir / "episodes.lock")

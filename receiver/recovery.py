@@ -13,7 +13,7 @@ import logging
 import os
 
 from receiver.config import ReceiverConfig
-from receiver.index import DurabilityError, IndexCorrupt, JsonlIndex, new_row
+from receiver.index import DurabilityError, IndexCorrupt, JsonlIndex, hand_over, new_row
 from receiver.store import FilesystemStore, file_digest
 
 log = logging.getLogger(__name__)
@@ -78,3 +78,5 @@ def _recover(config: ReceiverConfig) -> None:
     if repaired:
         log.warning("recovery: indexed %d stored tarball(s) whose row was missing", repaired)
     log.info("index: %d rows", len(index))
+    if config.server.workers == 1:
+        hand_over(index)  # the app runs in this process: no second read of the index

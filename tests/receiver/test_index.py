@@ -20,7 +20,9 @@ from receiver.index import (
     JsonlIndex,
     decode_row,
     encode_row,
+    hand_over,
     new_row,
+    open_index,
 )
 
 SHA_A = "a" * 64
@@ -451,3 +453,51 @@ def test_refresh_after_replacement_by_a_longer_file_drops_old_rows(tmp_path: Pat
     assert sorted(r.episode_id for r in index.rows()) == ["ep-5", "ep-6", "ep-7"]
     assert index.append_if_absent(row("ep-0"))[1] is True
     assert len(lines_of(path)) == 4
+
+
+# -- loading many rows at once --------------------------------------------------------
+
+
+def test_load_of_many_rows_keeps_the_first_row_of_a_key(tmp_path: Path) -> None:
+    path = index_file(tmp_path)
+    first, later = row("ep-1", sha256=SHA_A), row("ep-1", sha256=SHA_B)
+    rows = [row(f"ep-{n}") for n in range(2, 50)]
+    path.write_bytes(b"".join(encode_row(r) for r in [first, *rows, later]))
+    index = JsonlIndex(path)
+    index.load(strict=True)
+    assert len(index) == 49
+    assert index.lookup("lab-07", "ep-1") == first
+
+
+@pytest.mark.parametrize(
+    ("middle", "line"),
+    [
+        (b"\n", 2),  # a blank line
+        (b"   \n", 2),  # whitespace only
+        (encode_row(row("ep-a")).rstrip(b"\n") + b" " + encode_row(row("ep-b")), 2),  # two rows
+    ],
+)
+def test_strict_load_names_a_line_that_is_not_exactly_one_row(
+    tmp_path: Path, middle: bytes, line: int
+) -> None:
+    path = index_file(tmp_path)
+    path.write_bytes(encode_row(row("ep-0")) + middle + encode_row(row("ep-9")))
+    with pytest.raises(IndexCorrupt, match=rf"line {line}\b"):
+        JsonlIndex(path).load(strict=True)
+
+
+def test_a_handed_over_view_is_taken_once_and_catches_up(tmp_path: Path) -> None:
+    path = index_file(tmp_path)
+    recovered = JsonlIndex(path)
+    recovered.append_if_absent(row("ep-1"))
+    recovered.load(strict=True)
+    hand_over(recovered)
+    JsonlIndex(path).append_if_absent(row("ep-2"))  # another writer, after the hand-over
+    taken = open_index(path)
+    assert taken is recovered
+    taken.load_once()
+    assert sorted(r.episode_id for r in taken.rows()) == ["ep-1", "ep-2"]
+    fresh = open_index(path)
+    assert fresh is not recovered
+    fresh.load_once()
+    assert len(fresh) == 2
