@@ -204,4 +204,4 @@ def test_model_receiver_keeps_the_promise(world: World) -> None:
 @pytest.mark.timeout(3600)
 def test_model_receiver_keeps_the_promise_soak(world: World) -> None:
     world.max_crashes, world.max_restarts = 6, 6
-    run_model(world, examples=200, steps=40)
+    run_model(world, examples=100, steps=30)
