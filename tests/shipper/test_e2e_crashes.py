@@ -120,6 +120,7 @@ def test_e2e_shipper_killed_at_random_moments_ships_everything_once(
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(1200)
 def test_e2e_soak_shipper_killed_hundreds_of_times(
     tmp_path: Path, start_receiver: StartReceiver
 ) -> None:
