@@ -20,12 +20,9 @@ from tests.conftest import StartReceiver
 from tests.e2e.test_receiver_protocol import HEADER, index_rows, put, stored_files, temp_files
 from tests.support import (
     PROJECT_ROOT,
-    ReceiverProcess,
     add_commit,
     head_commits,
     make_tarball,
-    receiver_config,
-    write_toml,
 )
 
 
@@ -214,13 +211,10 @@ def test_git_failing_keeps_the_window(repo: Path, start_receiver: StartReceiver)
     assert receiver.log().count("refresh failed") <= 1  # logged once per failure streak
 
 
-def _write_config(tmp_path: Path, repo: Path) -> ReceiverProcess:
-    config = receiver_config(tmp_path, repo)
-    return ReceiverProcess(write_toml(tmp_path / "receiver.toml", config))
-
-
-def test_torn_index_tail_is_repaired_at_start_with_a_copy_kept(tmp_path: Path, repo: Path) -> None:
-    receiver = _write_config(tmp_path, repo).start()
+def test_torn_index_tail_is_repaired_at_start_with_a_copy_kept(
+    tmp_path: Path, repo: Path, start_receiver: StartReceiver
+) -> None:
+    receiver = start_receiver(repo)
     head = head_commits(repo, 1)[0]
     assert put(receiver.url, "/episodes/h/e1", make_tarball(head), head).status_code == 201
     receiver.stop()
@@ -237,8 +231,10 @@ def test_torn_index_tail_is_repaired_at_start_with_a_copy_kept(tmp_path: Path, r
     receiver.stop()
 
 
-def test_corrupt_middle_line_stops_the_start_with_one_line(tmp_path: Path, repo: Path) -> None:
-    receiver = _write_config(tmp_path, repo).start()
+def test_corrupt_middle_line_stops_the_start_with_one_line(
+    tmp_path: Path, repo: Path, start_receiver: StartReceiver
+) -> None:
+    receiver = start_receiver(repo)
     head = head_commits(repo, 1)[0]
     for name in ("e1", "e2"):
         assert put(receiver.url, f"/episodes/h/{name}", make_tarball(head), head).status_code == 201
@@ -259,7 +255,9 @@ def test_corrupt_middle_line_stops_the_start_with_one_line(tmp_path: Path, repo:
     assert "Traceback" not in result.stderr
 
 
-def test_installed_file_without_row_is_indexed_at_start(tmp_path: Path, repo: Path) -> None:
+def test_installed_file_without_row_is_indexed_at_start(
+    tmp_path: Path, repo: Path, start_receiver: StartReceiver
+) -> None:
     # What a crash between the install (link) and the index append leaves behind.
     head = head_commits(repo, 1)[0]
     body = make_tarball(head)
@@ -271,7 +269,7 @@ def test_installed_file_without_row_is_indexed_at_start(tmp_path: Path, repo: Pa
     os.link(temp, data / "episodes" / "h" / "e.tar.zst")
     stale = data / "tmp" / "h" / f"other~{head}~ba9876543210.part"
     stale.write_bytes(b"half an upload")
-    receiver = _write_config(tmp_path, repo).start()
+    receiver = start_receiver(repo)
     rows = index_rows(data)
     assert len(rows) == 1
     assert rows[0]["commit"] == head and rows[0]["sha256"] == hashlib.sha256(body).hexdigest()
