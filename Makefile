@@ -34,9 +34,10 @@ pytest: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/pytest -m soak
 
-## bench: the benchmark suite (not part of make test)
+## bench: the benchmark suite, each figure next to a baseline from the same run (not part
+## of make test); ARGS=--quick for tiny sizes, ARGS="--only upload,nginx" for some figures
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

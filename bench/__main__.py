@@ -1,141 +1,115 @@
-"""`python -m bench [--size-mib N] [--runs K]`: one large durable upload vs local write+hash.
+"""`python -m bench [--quick] [--runs K] [--only a,b] [size flags]`: the benchmark suite.
 
-Baseline (same run, same disk): the same bytes written to a file, fsynced, and
-sha256-hashed by hashlib. Product: a real receiver (validate = "tar") receiving
-the tarball over loopback and answering 201. Also reports the server's peak RSS.
+Each figure measures its baseline in the same run as the product (this machine's disk
+drifts between runs; only same-run ratios mean anything) and prints min/median/max of
+product, baseline and ratio over the runs, then a one-line-per-figure summary.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import dataclasses
 import os
-import statistics
-import tarfile
+import platform
+import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import httpx
+from bench import figures_ops, figures_upload
+from bench.receivers import Bench
+from bench.report import Figure, print_figure, summary_lines
+from bench.sizes import QUICK, Sizes
 
-from tests.support import ReceiverProcess, make_repo, receiver_config, write_toml
+Measure = Callable[[Bench], list[Figure]]
 
-try:
-    from compression import zstd  # type: ignore[import-not-found,unused-ignore]
-except ImportError:
-    from backports import zstd  # type: ignore[no-redef,unused-ignore]
-
-BLOCK = 4 * 1024 * 1024
-
-
-def make_episode(path: Path, commit: str, size: int) -> None:
-    """A .tar.zst of `size` bytes of incompressible data plus meta.json, streamed."""
-    options = {
-        zstd.CompressionParameter.compression_level: 1,
-        zstd.CompressionParameter.checksum_flag: 1,
-    }
-    with zstd.ZstdFile(path, "w", options=options) as out:
-        with tarfile.open(fileobj=out, mode="w|") as tar:
-            meta = f'{{"code_version": {{"commit": "{commit}"}}}}'.encode()
-            info = tarfile.TarInfo("meta.json")
-            info.size = len(meta)
-            import io
-
-            tar.addfile(info, io.BytesIO(meta))
-            info = tarfile.TarInfo("data/blob.bin")
-            info.size = size
-            tar.addfile(info, _RandomReader(size))
+# Figure groups, in running order; a group measures the figures named with it.
+GROUPS: list[tuple[tuple[str, ...], Measure]] = [
+    (("upload", "nginx"), figures_upload.single_upload),
+    (("concurrent",), figures_upload.concurrent_uploads),
+    (("rss",), figures_upload.peak_rss),
+    (("small", "gate"), figures_ops.small_uploads),
+    (("cold-start",), figures_ops.cold_start),
+    (("pack",), figures_ops.pack),
+    (("verify",), figures_ops.verify),
+]
+FIGURES = [key for keys, _ in GROUPS for key in keys]
 
 
-class _RandomReader:
-    def __init__(self, size: int) -> None:
-        self.left = size
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.left if n < 0 else min(n, self.left)
-        self.left -= n
-        return os.urandom(n)
-
-
-def baseline(src: Path, dst: Path) -> float:
-    """Write + fsync + sha256 of the same bytes; returns MB/s."""
-    started = time.perf_counter()
-    sha = hashlib.sha256()
-    with src.open("rb", buffering=0) as source, dst.open("wb", buffering=0) as sink:
-        while block := source.read(BLOCK):
-            sha.update(block)
-            sink.write(block)
-        os.fsync(sink.fileno())
-    elapsed = time.perf_counter() - started
-    dst.unlink()
-    return src.stat().st_size / elapsed / 1e6
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the code only")
+    parser.add_argument("--only", help=f"comma-separated figures of {','.join(FIGURES)}")
+    parser.add_argument("--dir", type=Path, help="scratch directory (on the disk to measure)")
+    for field in dataclasses.fields(Sizes):
+        if field.name == "only":
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if field.name == "rss_mib":
+            parser.add_argument(flag, help="comma-separated upload sizes in MiB")
+        else:
+            parser.add_argument(flag, type=float if "seconds" in field.name else int)
+    return parser
 
 
-def _chunks(path: Path) -> Iterator[bytes]:
-    with path.open("rb", buffering=0) as source:
-        while block := source.read(1024 * 1024):
-            yield block
+def sizes_from(args: argparse.Namespace) -> Sizes:
+    sizes = QUICK if args.quick else Sizes()
+    changes: dict[str, object] = {}
+    for field in dataclasses.fields(Sizes):
+        value = getattr(args, field.name, None)
+        if value is not None and field.name != "only":
+            changes[field.name] = value
+    if args.rss_mib is not None:
+        changes["rss_mib"] = tuple(int(part) for part in args.rss_mib.split(","))
+    if args.only:
+        only = frozenset(part.strip() for part in args.only.split(","))
+        unknown = only - set(FIGURES)
+        if unknown:
+            raise SystemExit(f"python -m bench: unknown figure(s) {', '.join(sorted(unknown))}")
+        changes["only"] = only
+    return dataclasses.replace(sizes, **changes)  # type: ignore[arg-type]
 
 
-def upload(receiver: ReceiverProcess, src: Path, commit: str, episode: str) -> float:
-    started = time.perf_counter()
-    response = httpx.put(
-        f"{receiver.url}/episodes/bench/{episode}",
-        content=_chunks(src),
-        headers={"X-Code-Commit": commit, "Content-Length": str(src.stat().st_size)},
-        timeout=600,
-    )
-    elapsed = time.perf_counter() - started
-    if response.status_code != 201:
-        raise SystemExit(f"upload failed: {response.status_code} {response.text}")
-    return src.stat().st_size / elapsed / 1e6
+def _load() -> str:
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def summary(values: list[float]) -> str:
+def machine_line() -> str:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (
-        f"min {min(values):8.2f}  median {statistics.median(values):8.2f}  max {max(values):8.2f}"
+        f"machine: {os.cpu_count()} cpus, {memory:.0f} GiB, Linux {platform.release()}, "
+        f"Python {platform.python_version()}; load average {_load()}"
     )
+
+
+def run(argv: Sequence[str] | None = None) -> list[Figure]:
+    args = _parser().parse_args(argv)
+    sizes = sizes_from(args)
+    print(time.strftime("episode-ingest bench, %Y-%m-%d %H:%M:%S %Z"))
+    print(machine_line())
+    print(f"sizes: {sizes}", flush=True)
+    figures: list[Figure] = []
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="episode-bench-") as scratch:
+        bench = Bench.create(Path(scratch), sizes)
+        for keys, measure in GROUPS:
+            if sizes.only and not sizes.only & set(keys):
+                continue
+            print(f"\n-- {', '.join(keys)}: load average {_load()} before", flush=True)
+            for figure in measure(bench):
+                if not sizes.only or figure.key in sizes.only:
+                    print_figure(figure)
+                    sys.stdout.flush()
+                    figures.append(figure)
+        shutil.rmtree(bench.root / "repo", ignore_errors=True)
+    print("\n".join(summary_lines(figures)))
+    print(f"load average at the end: {_load()}")
+    return figures
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("--size-mib", type=int, default=1024)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--dir", type=Path, default=None, help="scratch dir (same disk as data)")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir=args.dir, prefix="episode-bench-") as scratch:
-        root = Path(scratch)
-        commit = make_repo(root / "repo", commits=1)[0]
-        src = root / "episode.tar.zst"
-        make_episode(src, commit, args.size_mib * 1024 * 1024)
-        config = receiver_config(root, root / "repo")
-        receiver = ReceiverProcess(write_toml(root / "receiver.toml", config)).start()
-        assert receiver.proc is not None
-        base, product = [], []
-        try:
-            for run in range(args.runs):
-                base.append(baseline(src, root / "baseline.bin"))
-                product.append(upload(receiver, src, commit, f"run-{run}"))
-                for stored in (root / "data" / "episodes" / "bench").glob("*"):
-                    stored.unlink()
-            rss = peak_rss_mib(receiver.proc.pid)
-        finally:
-            receiver.stop()
-    size = src.stat().st_size if src.exists() else args.size_mib * 2**20
-    print(f"one upload of {size / 2**20:.0f} MiB, {args.runs} runs, MB/s")
-    print(f"  baseline write+fsync+sha256  {summary(base)}")
-    print(f"  receiver PUT, validate=tar   {summary(product)}")
-    ratios = [p / b for p, b in zip(product, base, strict=True)]
-    print(f"  ratio (same run)             {summary(ratios)}")
-    print(f"  receiver peak RSS            {rss:.1f} MiB")
+    run()
 
 
 if __name__ == "__main__":
