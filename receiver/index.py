@@ -17,6 +17,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -121,6 +122,15 @@ class CatalogueIndex(Protocol):
     def __len__(self) -> int: ...
 
 
+@dataclass
+class _Append:
+    """One caller's row in a group commit, and what came of it."""
+
+    row: IndexRow
+    result: tuple[IndexRow, bool] | None = None
+    error: BaseException | None = None
+
+
 class JsonlIndex:
     """index.jsonl with an in-memory view, shared safely by several processes."""
 
@@ -134,6 +144,9 @@ class JsonlIndex:
         self._loaded = False
         # One thread at a time catches up or appends; other processes are kept out by flock.
         self._mutex = threading.Lock()
+        # Rows waiting for the next group commit (append_if_absent).
+        self._queue: list[_Append] = []
+        self._queue_lock = threading.Lock()
 
     # -- reading -----------------------------------------------------------------
 
@@ -281,17 +294,48 @@ class JsonlIndex:
             os.close(fd)
 
     def append_if_absent(self, row: IndexRow) -> tuple[IndexRow, bool]:
-        """Append row unless (host, episode) has one; returns (the row in force, appended?)."""
-        line = encode_row(row)
-        with self._mutex, self.locked():
-            self._catch_up(strict=False)
-            existing = self._view.get(row.key)
-            if existing is not None:
-                return existing, False
-            self.repair_torn_tail()
-            self._append_line(line)
-            self._view[row.key] = row
-            return row, True
+        """Append row unless (host, episode) has one; returns (the row in force, appended?).
+
+        Group commit: threads of this process that append at the same time share one write
+        and one fsync. Whoever gets the lock appends every row queued by then; each caller
+        returns only once its row is on disk (or raises the error that write met).
+        """
+        request = _Append(row)
+        with self._queue_lock:
+            self._queue.append(request)
+        with self._mutex:
+            if request.result is None and request.error is None:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._commit(batch)
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    def _commit(self, batch: list[_Append]) -> None:
+        """Under the mutex: decide every queued row, append the new ones with one fsync."""
+        try:
+            with self.locked():
+                self._catch_up(strict=False)
+                new: dict[tuple[str, str], IndexRow] = {}
+                for request in batch:
+                    key = request.row.key
+                    existing = self._view.get(key)
+                    if existing is None:
+                        existing = new.get(key)
+                    if existing is None:
+                        new[key] = request.row
+                        request.result = (request.row, True)
+                    else:
+                        request.result = (existing, False)
+                if new:
+                    self.repair_torn_tail()
+                    self._append_line(b"".join(map(encode_row, new.values())))
+                    self._view.update(new)
+        except BaseException as error:
+            for request in batch:
+                request.result, request.error = None, error
 
     def _append_line(self, line: bytes) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

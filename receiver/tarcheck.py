@@ -26,6 +26,8 @@ else:
     from backports import zstd
 
 PIECE_BYTES = 1 << 20  # decompressed bytes per decompress() call
+# A body of at most this many (compressed) bytes is checked by finish(), without a thread.
+INLINE_BYTES = 1 << 20
 META_MAX_BYTES = 1 << 20
 READ_BYTES = 1 << 20  # read_meta_commit's read size
 # Each frame costs a fresh decompressor (~15 us): bound frames by output so that a body of
@@ -320,20 +322,34 @@ class _Channel:
 class StreamValidator:
     """Validates a .tar.zst fed chunk by chunk from another thread, in its own worker thread.
 
-    Holds at most queue_chunks chunks plus the bounded decompression state. With
-    validate = "none" no thread is started and everything is accepted.
+    Holds at most queue_chunks chunks plus the bounded decompression state. The worker
+    starts once more than inline_bytes have been fed: a smaller body (most episodes of a
+    busy small-upload load) is held and checked by finish() in the caller's thread, since
+    a thread per upload costs more than it overlaps; abort() stops that check as promptly.
+    With validate = "none" no thread is started and everything is accepted.
     """
 
-    def __init__(self, storage: StorageConfig, *, queue_chunks: int = 8) -> None:
+    def __init__(
+        self, storage: StorageConfig, *, queue_chunks: int = 8, inline_bytes: int = INLINE_BYTES
+    ) -> None:
         self._storage = storage
+        self._enabled = storage.validate != "none"
         self._channel = _Channel(queue_chunks)
         self._summary: TarSummary | None = None
         self._error: InvalidTarball | None = None
         self._crash: BaseException | None = None
         self._thread: threading.Thread | None = None
-        if storage.validate != "none":
-            self._thread = threading.Thread(target=self._run, name="tarcheck", daemon=True)
-            self._thread.start()
+        self._held: list[bytes] | None = [] if self._enabled else None
+        self._held_bytes = 0
+        self._inline_bytes = inline_bytes
+
+    def _start(self) -> None:
+        """Hand what was held to a worker thread, which validates from here on."""
+        held, self._held = self._held or [], None
+        self._thread = threading.Thread(target=self._run, name="tarcheck", daemon=True)
+        self._thread.start()
+        for chunk in held:
+            self._channel.put(chunk)
 
     def _run(self) -> None:
         try:
@@ -355,12 +371,28 @@ class StreamValidator:
 
     def feed(self, chunk: bytes) -> None:
         """Queue a chunk; blocks while the queue is full, drops data once validation stopped."""
-        if self._thread is not None and chunk:
+        if not chunk:
+            return
+        held = self._held  # abort() may drop it meanwhile: then this chunk goes with it
+        if held is not None:
+            held.append(chunk)
+            self._held_bytes += len(chunk)
+            if self._held_bytes > self._inline_bytes:
+                self._start()
+        elif self._thread is not None:
             self._channel.put(chunk)
 
     def finish(self) -> TarSummary:
         """End of input: wait for the verdict; InvalidTarball when rejected (or aborted)."""
+        if self._held is not None:  # a small body: check it here
+            held, self._held = self._held, None
+            try:
+                return _validate(held, self._storage, self._channel.cancelled)
+            except _Aborted:
+                raise InvalidTarball("validation aborted") from None
         if self._thread is None:
+            if self._enabled and self._channel.cancelled.is_set():
+                raise InvalidTarball("validation aborted")
             return TarSummary(None, 0, 0)
         self._channel.close()
         self._thread.join()
@@ -373,7 +405,9 @@ class StreamValidator:
         return self._summary
 
     def abort(self) -> None:
-        """Stop the worker within one decompressed piece; idempotent, safe at any time."""
+        """Stop the worker (or finish()'s own check) within one decompressed piece; idempotent,
+        safe at any time."""
+        self._held = None
         self._channel.cancel()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()

@@ -7,7 +7,10 @@ import errno
 import json
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
@@ -501,3 +504,91 @@ def test_a_handed_over_view_is_taken_once_and_catches_up(tmp_path: Path) -> None
     assert fresh is not recovered
     fresh.load_once()
     assert len(fresh) == 2
+
+
+# -- group commit -------------------------------------------------------------------
+
+
+def test_rows_appended_by_many_threads_at_once_are_each_written_once(tmp_path: Path) -> None:
+    path = index_file(tmp_path)
+    index = JsonlIndex(path)
+    rows = [row(f"ep-{n}") for n in range(40)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(index.append_if_absent, rows + rows))  # every key twice
+    assert sorted(appended for _, appended in results) == [False] * 40 + [True] * 40
+    assert all(stored == rows[n % 40] for n, (stored, _) in enumerate(results))
+    assert sorted(lines_of(path)) == sorted(encode_row(r) for r in rows)
+    reloaded = JsonlIndex(path)
+    reloaded.load(strict=True)
+    assert len(reloaded) == 40
+
+
+def queue_while_locked(index: JsonlIndex, rows: list[IndexRow]) -> list[object]:
+    """Append rows from one thread each while another append holds the lock; returns what
+    each call returned or raised, once the lock was released and all of them finished."""
+    outcomes: list[object] = [None] * len(rows)
+
+    def append(number: int) -> None:
+        try:
+            outcomes[number] = index.append_if_absent(rows[number])
+        except Exception as error:  # noqa: BLE001 - the test looks at it
+            outcomes[number] = error
+
+    threads = [threading.Thread(target=append, args=(n,)) for n in range(len(rows))]
+    with index._mutex:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while len(index._queue) < len(rows) and time.monotonic() < deadline:
+            time.sleep(0.001)
+    for thread in threads:
+        thread.join(10)
+    return outcomes
+
+
+def test_appends_queued_meanwhile_share_one_write_and_one_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = index_file(tmp_path)
+    index = JsonlIndex(path)
+    index.append_if_absent(row("ep-0"))
+    writes: list[int] = []
+    fsyncs: list[int] = []
+    real_write, real_fsync = os.write, os.fsync
+
+    def counted_write(fd: int, data: bytes) -> int:
+        writes.append(fd)
+        return real_write(fd, data)
+
+    def counted_fsync(fd: int) -> None:
+        fsyncs.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr("receiver.index.os.write", counted_write)
+    monkeypatch.setattr("receiver.index.os.fsync", counted_fsync)
+    rows = [row(f"ep-{n}") for n in range(1, 6)]
+    outcomes = queue_while_locked(index, rows)
+    monkeypatch.undo()
+    assert outcomes == [(r, True) for r in rows]
+    assert (len(writes), len(fsyncs)) == (1, 1)
+    assert lines_of(path)[1:] == [encode_row(r) for r in rows]
+
+
+def test_a_failed_group_write_fails_every_caller_and_leaves_the_file_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = index_file(tmp_path)
+    index = JsonlIndex(path)
+    index.append_if_absent(row("ep-0"))
+    before = path.read_bytes()
+
+    def no_space(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("receiver.index.os.write", no_space)
+    rows = [row(f"ep-{n}") for n in range(1, 4)]
+    outcomes = queue_while_locked(index, rows)
+    monkeypatch.undo()
+    assert all(isinstance(outcome, DurabilityError) for outcome in outcomes)
+    assert path.read_bytes() == before
+    assert all(index.lookup("lab-07", r.episode_id) is None for r in rows)

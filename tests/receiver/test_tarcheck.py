@@ -19,7 +19,13 @@ import pytest
 
 from receiver.config import KiB, MiB, StorageConfig
 from receiver.errors import InvalidTarball
-from receiver.tarcheck import StreamValidator, TarSummary, read_meta_commit, validate_stream
+from receiver.tarcheck import (
+    INLINE_BYTES,
+    StreamValidator,
+    TarSummary,
+    read_meta_commit,
+    validate_stream,
+)
 
 if sys.version_info >= (3, 14):
     from compression import zstd
@@ -314,9 +320,12 @@ def feed_from_thread(validator: StreamValidator, chunks: Iterator[bytes]) -> Tar
     ],
     ids=["valid", "dotdot", "truncated", "no-meta", "garbage"],
 )
-def test_stream_validator_fed_odd_chunks_agrees_with_validate_stream(body: bytes) -> None:
+@pytest.mark.parametrize("inline_bytes", [0, INLINE_BYTES], ids=["worker", "at-finish"])
+def test_stream_validator_fed_odd_chunks_agrees_with_validate_stream(
+    body: bytes, inline_bytes: int
+) -> None:
     expected = outcome(lambda: validate_stream([body], storage()))
-    validator = StreamValidator(storage(), queue_chunks=3)
+    validator = StreamValidator(storage(), queue_chunks=3, inline_bytes=inline_bytes)
     sizes = (1, 7, 333, 4093, 65537)
     assert outcome(lambda: feed_from_thread(validator, chunked(body, sizes))) == expected
 
@@ -339,7 +348,7 @@ def new_threads(before: set[threading.Thread]) -> list[threading.Thread]:
 
 def test_abort_stops_an_idle_worker() -> None:
     before = set(threading.enumerate())
-    validator = StreamValidator(storage())
+    validator = StreamValidator(storage(), inline_bytes=0)
     validator.feed(compress(build_tar())[:1000])  # the worker now waits for more input
     assert new_threads(before)
     validator.abort()
@@ -352,7 +361,8 @@ def test_abort_stops_an_idle_worker() -> None:
 
 def test_abort_stops_a_busy_worker_promptly(bomb: bytes) -> None:
     before = set(threading.enumerate())
-    validator = StreamValidator(storage("zstd"))  # default cap 256 GiB: all 16 GiB get inflated
+    # Default cap 256 GiB: all 16 GiB get inflated.
+    validator = StreamValidator(storage("zstd"), inline_bytes=0)
     validator.feed(bomb * 16)  # one chunk: the worker never returns to the queue for seconds
     time.sleep(0.05)
     assert new_threads(before)
@@ -360,6 +370,64 @@ def test_abort_stops_a_busy_worker_promptly(bomb: bytes) -> None:
     validator.abort()
     assert time.monotonic() - started < 0.5
     assert not new_threads(before)
+
+
+def test_a_small_body_is_checked_by_finish_without_a_thread() -> None:
+    body = compress(build_tar())
+    assert len(body) <= INLINE_BYTES
+    before = set(threading.enumerate())
+    validator = StreamValidator(storage())
+    for chunk in chunked(body):
+        validator.feed(chunk)
+    assert not new_threads(before)
+    assert validator.failed is None  # known only at finish()
+    summary = validator.finish()
+    assert summary.meta_commit == COMMIT
+    assert summary == validate_stream([body], storage())
+
+
+def test_a_small_bad_body_is_rejected_by_finish() -> None:
+    validator = StreamValidator(storage())
+    validator.feed(compress(build_tar(entry("/etc/passwd", data=b"x"))))
+    with pytest.raises(InvalidTarball, match="absolute"):
+        validator.finish()
+
+
+def test_a_body_past_inline_bytes_moves_to_a_worker() -> None:
+    body = compress(build_tar())
+    before = set(threading.enumerate())
+    validator = StreamValidator(storage(), inline_bytes=1000)
+    chunks = list(chunked(body, (700,)))
+    validator.feed(chunks[0])
+    assert not new_threads(before)
+    for chunk in chunks[1:]:
+        validator.feed(chunk)
+    assert new_threads(before)
+    assert validator.finish() == validate_stream([body], storage())
+    assert not new_threads(before)
+
+
+def test_abort_stops_a_check_in_finish_promptly(bomb: bytes) -> None:
+    validator = StreamValidator(storage("zstd"))
+    validator.feed(bomb * 16)  # small: held, then inflated by finish() for seconds
+    verdict: list[TarSummary | str] = []
+    checker = threading.Thread(target=lambda: verdict.append(outcome(validator.finish)))
+    checker.start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    validator.abort()
+    checker.join(timeout=5)
+    assert time.monotonic() - started < 0.5
+    assert verdict == ["invalid: validation aborted"]
+
+
+def test_finish_after_abort_of_a_held_body_is_a_rejection() -> None:
+    validator = StreamValidator(storage())
+    validator.feed(compress(build_tar()))
+    validator.abort()
+    validator.feed(b"more")  # dropped
+    with pytest.raises(InvalidTarball, match="aborted"):
+        validator.finish()
 
 
 class CountingFile(io.BytesIO):
