@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import StartReceiver
+from tests.e2e.test_receiver_limits import open_upload
 from tests.e2e.test_receiver_protocol import HEADER, index_rows, put, stored_files, temp_files
 from tests.support import (
     PROJECT_ROOT,
@@ -33,14 +33,7 @@ def test_kill_9_mid_upload_leaves_nothing_partial_and_the_retry_succeeds(
     head = head_commits(repo, 1)[0]
     body = make_tarball(head, {"data/big.bin": os.urandom(4 * 1024 * 1024)})
     data = tmp_path / "data"
-    with socket.create_connection(("127.0.0.1", receiver.port)) as sock:
-        sock.sendall(
-            (
-                f"PUT /episodes/h/e HTTP/1.1\r\nHost: x\r\n{HEADER}: {head}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n"
-            ).encode()
-        )
-        sock.sendall(body[: len(body) // 2])
+    with open_upload(receiver.port, "/episodes/h/e", head, len(body), body[: len(body) // 2]):
         deadline = time.monotonic() + 10
         while not temp_files(data):  # the upload is under way
             assert time.monotonic() < deadline
@@ -64,14 +57,7 @@ def test_client_that_disconnects_mid_body_leaves_no_temp_file(
     head = head_commits(repo, 1)[0]
     body = make_tarball(head, {"data/big.bin": os.urandom(1024 * 1024)})
     data = tmp_path / "data"
-    with socket.create_connection(("127.0.0.1", receiver.port)) as sock:
-        sock.sendall(
-            (
-                f"PUT /episodes/h/e HTTP/1.1\r\nHost: x\r\n{HEADER}: {head}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n"
-            ).encode()
-            + body[:1000]
-        )
+    with open_upload(receiver.port, "/episodes/h/e", head, len(body), body[:1000]):
         time.sleep(0.3)
     deadline = time.monotonic() + 10
     while temp_files(data):
@@ -87,14 +73,7 @@ def test_second_upload_of_an_id_in_flight_gets_423(
     receiver = start_receiver(repo)
     head = head_commits(repo, 1)[0]
     body = make_tarball(head)
-    with socket.create_connection(("127.0.0.1", receiver.port)) as sock:
-        sock.sendall(
-            (
-                f"PUT /episodes/h/e HTTP/1.1\r\nHost: x\r\n{HEADER}: {head}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n"
-            ).encode()
-            + body[:10]
-        )
+    with open_upload(receiver.port, "/episodes/h/e", head, len(body), body[:10]) as sock:
         deadline = time.monotonic() + 10
         while not temp_files(tmp_path / "data"):
             assert time.monotonic() < deadline
