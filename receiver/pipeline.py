@@ -9,11 +9,11 @@ upload. The tar validator gets the same chunks in its own thread.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import hashlib
 import os
 from collections.abc import Callable
 
+from episode_common.durable import start_writeback
 from receiver.errors import TooLarge
 from receiver.tarcheck import StreamValidator, TarSummary
 
@@ -21,23 +21,6 @@ BATCH_BYTES = 2 * 1024 * 1024
 # Start writeback of what was written every so often, so the final fsync has little left.
 WRITEBACK_BYTES = 16 * 1024 * 1024
 _IOV_MAX = 1024
-
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """Linux's sync_file_range(2), which Python's os module does not expose."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function  # type: ignore[no-any-return,unused-ignore]
-
-
-_sync_file_range = _load_sync_file_range()
 
 
 class BodySink:
@@ -98,11 +81,9 @@ class BodySink:
             for chunk in batch:
                 validator.feed(chunk)
         self._written += sum(len(chunk) for chunk in batch)
-        if self._fd is not None and _sync_file_range is not None:
-            if self._written - self._synced_upto >= WRITEBACK_BYTES:
-                # Only starts writeback (no wait); the final fsync still makes it durable.
-                _sync_file_range(self._fd, self._synced_upto, 0, _SYNC_FILE_RANGE_WRITE)
-                self._synced_upto = self._written
+        if self._fd is not None and self._written - self._synced_upto >= WRITEBACK_BYTES:
+            start_writeback(self._fd, self._synced_upto, 0)
+            self._synced_upto = self._written
 
     def validation_failed(self) -> Exception | None:
         return None if self._validator is None else self._validator.failed

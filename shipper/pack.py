@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from episode_common.durable import fsync_dir
+from shipper.direct_output import DirectOutput
 
 try:
     from compression import zstd  # type: ignore[import-not-found, unused-ignore]
@@ -47,16 +48,24 @@ class Packed:
     size_bytes: int
 
 
+def zstd_workers(configured: int) -> int:
+    """zstd's nb_workers for the `zstd_threads` key: 0 means one worker per core.
+
+    (zstd's own 0 means "no workers, compress in the calling thread".)
+    """
+    return configured or os.cpu_count() or 1
+
+
 class _Sink:
     """Compress in the caller's thread; hash and write in a writer thread, in order.
 
-    The writer overlaps the disk with compression: a write that blocks on
-    dirty-page writeback no longer stalls the zstd workers. The queue is short,
-    so memory stays bounded (a few zstd output chunks).
+    The writer overlaps the disk with compression: a write that blocks on the
+    device no longer stalls the zstd workers. The queue is short, so memory
+    stays bounded (a few zstd output chunks and one output buffer).
     """
 
-    def __init__(self, out: BinaryIO, level: int, threads: int) -> None:
-        self.out = out
+    def __init__(self, out: BinaryIO, level: int, threads: int, *, direct: bool = True) -> None:
+        self.out = DirectOutput(out.fileno(), direct=direct)
         self.digest = hashlib.sha256()
         self.size = 0
         self.compressor = zstd.ZstdCompressor(
@@ -66,7 +75,7 @@ class _Sink:
                 zstd.CompressionParameter.checksum_flag: 1,
             }
         )
-        self.chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
+        self.chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
         self.writer = threading.Thread(target=self._drain, name="pack-writer", daemon=True)
         self.writer.start()
@@ -77,8 +86,11 @@ class _Sink:
                 self.digest.update(data)
                 self.out.write(data)
                 self.size += len(data)
+                del data  # not held while waiting for the next one
+            self.out.close()
         except BaseException as error:
             self.error = error
+            self.out.abandon()
             while self.chunks.get() is not None:
                 pass  # keep taking, so that the producer never blocks on a full queue
 
@@ -172,16 +184,19 @@ def pack_directory(
     level: int = 3,
     threads: int = 0,
     stop: threading.Event | None = None,
+    direct: bool = True,
 ) -> Packed:
     """Write `<dest_dir>/<episode_id>.tar.zst` from the directory `source`.
 
-    threads is zstd's nb_workers: 0 compresses in this thread, N >= 1 uses N workers.
+    threads is the `zstd_threads` setting: 0 means one zstd worker per core.
+    direct=False keeps the output in the page cache (O_DIRECT is otherwise used
+    where the file system allows it; see shipper.direct_output).
     """
     final = dest_dir / f"{episode_id}.tar.zst"
     tmp = dest_dir / f".{episode_id}.{secrets.token_hex(6)}.tmp"
     root = source.resolve()
-    with open(tmp, "xb") as out:
-        sink = _Sink(out, level, threads)
+    with open(tmp, "xb", buffering=0) as out:
+        sink = _Sink(out, level, zstd_workers(threads), direct=direct)
         try:
             written = 0
             for name, path, info in _members(root):
@@ -197,7 +212,6 @@ def pack_directory(
             trailer += -(written + trailer) % RECORD
             sink.write(bytes(trailer))
             sink.finish()
-            out.flush()
             os.fsync(out.fileno())
         except BaseException:
             sink.close()

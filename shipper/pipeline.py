@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import threading
 import time
@@ -111,14 +110,12 @@ class Pipeline:
     def _pack(self, entry: Entry) -> Packed:
         if entry.kind is Kind.TARBALL:
             return hash_file(entry.path, self.stop_packing)
-        # zstd_threads = 0 means one worker per core (zstd's own 0 means no workers).
-        threads = self.config.zstd_threads or os.cpu_count() or 1
         return pack_directory(
             entry.path,
             self.packed_dir,
             entry.episode_id,
             level=self.config.zstd_level,
-            threads=threads,
+            threads=self.config.zstd_threads,
             stop=self.stop_packing,
         )
 

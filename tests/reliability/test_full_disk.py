@@ -2,7 +2,8 @@
 
 Uploads that do not fit get 507 and leave nothing; when space returns uploads
 succeed again. An index append that fails (the kernel's ENOSPC, a short write,
-EIO) leaves the index byte-identical, and the next append is clean.
+EIO) leaves the index byte-identical, and the next append is clean. The shipper's
+packer surfaces ENOSPC and leaves no partial tarball.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import httpx
 import pytest
 
 from receiver.index import DurabilityError, IndexRow, JsonlIndex, encode_row, new_row
+from shipper.pack import pack_directory
 from tests.reliability.conftest import HEADER, Receiver, episode, sha256
 from tests.reliability.invariants import check_invariants, read_state
 from tests.support import PROJECT_ROOT
@@ -291,3 +293,23 @@ def test_receiver_killed_while_the_disk_is_full_restarts_and_serves(
         check_invariants(small_fs, {("h", "first"): sha256(first)})
     finally:
         receiver.kill()
+
+
+def test_packing_onto_a_full_disk_fails_with_enospc_and_leaves_nothing(
+    small_fs: Path, tmp_path: Path
+) -> None:
+    # The packer writes with O_DIRECT where it can (tmpfs takes it on current kernels):
+    # the kernel's ENOSPC must surface, and the temp file must go.
+    source = tmp_path / "episode"
+    source.mkdir()
+    (source / "meta.json").write_text("{}")
+    (source / "frames.bin").write_bytes(os.urandom(16 * MiB))
+    with pytest.raises(OSError) as raised:
+        pack_directory(source, small_fs, "ep-1")
+    assert raised.value.errno == errno.ENOSPC
+    assert list(small_fs.iterdir()) == []
+    assert free_bytes(small_fs) >= 7 * MiB, "the partial output was removed"
+    (source / "frames.bin").write_bytes(os.urandom(2 * MiB))
+    packed = pack_directory(source, small_fs, "ep-1")
+    assert packed.size_bytes > 2 * MiB
+    assert [p.name for p in small_fs.iterdir()] == ["ep-1.tar.zst"]
