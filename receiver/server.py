@@ -17,7 +17,7 @@ from uvicorn.supervisors import Multiprocess
 
 from episode_common.config_loading import decode_hook, encode_hook
 from receiver.config import ReceiverConfig
-from receiver.http_protocol import BoundedHeadProtocol
+from receiver.http_protocol import protocol_class
 from receiver.recovery import recover, take_instance_lock
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def _serve(config: ReceiverConfig, log_level: str) -> int:
         log_level=log_level,
         access_log=False,
         lifespan="on",
-        http=BoundedHeadProtocol,
+        http=protocol_class(),
         timeout_graceful_shutdown=max(1, round(server.shutdown_grace_seconds)),
     )
     signal.signal(signal.SIGTERM, _note_signal)
