@@ -4,12 +4,20 @@ Order: ids, commit header, already stored (200/409 by content), window
 (412/503), size (413), disk (507), body (digest, tarball, meta.json). A
 rejection leaves nothing behind; 201 is returned only after the tarball is
 fsynced, linked into place, its directory fsynced and its index row fsynced.
+
+Blocking work runs in worker threads, in as few hand-offs as the order allows:
+each hand-off costs two thread switches and an event-loop wake-up, which under a
+load of small uploads was a third of the receiver's CPU. A body of at most
+SMALL_BODY_BYTES is received into memory and then written, hashed, validated,
+installed and indexed in one hand-off; a larger one streams through BodySink
+and is installed and indexed in one more.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -33,13 +41,25 @@ from receiver.ids import check_id, normalise_commit
 from receiver.index import DurabilityError, IndexRow, JsonlIndex, new_row
 from receiver.limits import UploadAdmission
 from receiver.locks import EpisodeLocks
-from receiver.pipeline import BodySink
+from receiver.pipeline import BodySink, write_all
 from receiver.store import FilesystemStore, TempBlob
-from receiver.tarcheck import StreamValidator, read_meta_commit
+from receiver.tarcheck import INLINE_BYTES, StreamValidator, TarSummary, read_meta_commit
 
 log = logging.getLogger(__name__)
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+# Bodies up to this size (by Content-Length) are received into memory and stored in
+# one thread hand-off; the tar validator checks bodies this small inline anyway.
+SMALL_BODY_BYTES = INLINE_BYTES
+
+
+def _as_no_space(error: OSError) -> InsufficientStorage | None:
+    if error.errno in _NO_SPACE:
+        return InsufficientStorage(
+            "the disk filled up during the upload", headers={"Retry-After": "60"}
+        )
+    return None
 
 
 @dataclass
@@ -124,6 +144,78 @@ class Ingestor:
         reserved: int,
         restore: IndexRow | None = None,
     ) -> Reply:
+        if 0 < reserved <= min(SMALL_BODY_BYTES, self.config.storage.max_upload_bytes):
+            data = b"".join([chunk async for chunk in body])
+            row, sha256 = await asyncio.to_thread(
+                self._store_small, host_id, episode_id, commit, data, declared, restore
+            )
+        else:
+            row, sha256 = await self._store_streamed(
+                host_id, episode_id, commit, declared, body, reserved, restore
+            )
+        if row is None:
+            # Stored meanwhile by a writer that does not take our lock (a second receiver).
+            stored = await self._stored_row(host_id, episode_id)
+            assert stored is not None
+            return self._by_content(stored, sha256)
+        reply = Reply(
+            201,
+            {
+                "status": "stored",
+                "host_id": host_id,
+                "episode_id": episode_id,
+                "sha256": row.sha256,
+                "size_bytes": row.size_bytes,
+                "commit": row.commit,
+                "behind_by": verdict.behind_by,
+            },
+        )
+        _add_warning(reply, verdict)
+        return reply
+
+    def _store_small(
+        self,
+        host_id: str,
+        episode_id: str,
+        commit: str | None,
+        data: bytes,
+        declared: str | None,
+        restore: IndexRow | None,
+    ) -> tuple[IndexRow | None, str]:
+        """In a worker thread: a whole small body from temp file to index row."""
+        blob = self.store.create_temp(host_id, episode_id, commit)
+        try:
+            try:
+                write_all(blob.fd, [data])
+            except OSError as error:
+                no_space = _as_no_space(error)
+                if no_space is None:
+                    raise
+                raise no_space from error
+            sha256 = hashlib.sha256(data).hexdigest()
+            summary = None
+            if self.config.storage.validate != "none":
+                validator = StreamValidator(self.config.storage)
+                validator.feed(data)
+                summary = validator.finish()
+            recorded = self._checked(commit, declared, sha256, summary, restore)
+        except BaseException:
+            self.store.discard(blob)
+            raise
+        row = self._install_and_index(blob, sha256, len(data), recorded, restore)
+        return row, sha256
+
+    async def _store_streamed(
+        self,
+        host_id: str,
+        episode_id: str,
+        commit: str | None,
+        declared: str | None,
+        body: AsyncIterator[bytes],
+        reserved: int,
+        restore: IndexRow | None,
+    ) -> tuple[IndexRow | None, str]:
+        """Stream the body to a temp file (written, hashed and validated in threads)."""
         storage = self.config.storage
         blob: TempBlob = await asyncio.to_thread(
             self.store.create_temp, host_id, episode_id, commit
@@ -144,63 +236,80 @@ class Ingestor:
                         raise failed
                 sha256, summary = await sink.finish()
             except OSError as error:
-                if error.errno in _NO_SPACE:
-                    raise InsufficientStorage(
-                        "the disk filled up during the upload", headers={"Retry-After": "60"}
-                    ) from error
-                raise
-            if declared is not None and declared != sha256:
-                raise DigestMismatch(
-                    f"Content-Digest says sha-256 {declared}, the body has {sha256}"
-                )
-            recorded = self._reconcile_commit(commit, summary.meta_commit if summary else None)
-            if restore is not None and sha256 != restore.sha256:
-                raise Conflict(
-                    "this id is indexed with different content; nothing was stored",
-                    fields={"stored_sha256": restore.sha256},
-                )
-            failpoints.hit(failpoints.AFTER_TEMP_WRITE)
-            try:
-                installed = await asyncio.to_thread(self.store.install, blob)
-            except OSError as error:
-                self._on_fatal(f"fsync/link of {blob.path} failed: {error}")
+                no_space = _as_no_space(error)
+                if no_space is None:
+                    raise
+                raise no_space from error
+            recorded = self._checked(commit, declared, sha256, summary, restore)
         except BaseException:
             await sink.abort()
             await asyncio.to_thread(self.store.discard, blob)
             raise
+        # Not cancellable once started: the thread finishes, and the episode is stored.
+        row = await asyncio.to_thread(
+            self._install_and_index, blob, sha256, sink.size, recorded, restore
+        )
+        return row, sha256
+
+    def _checked(
+        self,
+        header_commit: str | None,
+        declared: str | None,
+        sha256: str,
+        summary: TarSummary | None,
+        restore: IndexRow | None,
+    ) -> str | None:
+        """The checks on a complete body; returns the commit to record."""
+        if declared is not None and declared != sha256:
+            raise DigestMismatch(f"Content-Digest says sha-256 {declared}, the body has {sha256}")
+        recorded = self._reconcile_commit(
+            header_commit, summary.meta_commit if summary is not None else None
+        )
+        if restore is not None and sha256 != restore.sha256:
+            raise Conflict(
+                "this id is indexed with different content; nothing was stored",
+                fields={"stored_sha256": restore.sha256},
+            )
+        return recorded
+
+    def _install_and_index(
+        self,
+        blob: TempBlob,
+        sha256: str,
+        size: int,
+        recorded: str | None,
+        restore: IndexRow | None,
+    ) -> IndexRow | None:
+        """In a worker thread: fsync, link and index a checked temp file.
+
+        Returns None (and removes the temp file) when the final name already exists.
+        A failed fsync, link or index append is fatal: the process exits for recovery.
+        """
+        failpoints.hit(failpoints.AFTER_TEMP_WRITE)
+        try:
+            installed = self.store.install(blob)
+        except OSError as error:
+            self._on_fatal(f"fsync/link of {blob.path} failed: {error}")
+        except BaseException:
+            self.store.discard(blob)
+            raise
         if not installed:
-            # Stored meanwhile by a writer that does not take our lock (a second receiver).
-            await asyncio.to_thread(self.store.discard, blob)
-            stored = await self._stored_row(host_id, episode_id)
-            assert stored is not None
-            return self._by_content(stored, sha256)
+            self.store.discard(blob)
+            return None
         failpoints.hit(failpoints.AFTER_INSTALL)
         if restore is not None:
             row = restore
             log.warning("restored lost file of indexed episode host=%s episode=%s", *row.key)
         else:
-            row = new_row(host_id, episode_id, sha256, sink.size, recorded)
+            row = new_row(blob.host_id, blob.episode_id, sha256, size, recorded)
             try:
-                row, _appended = await asyncio.to_thread(self.index.append_if_absent, row)
+                row, _appended = self.index.append_if_absent(row)
             except DurabilityError as error:
                 self._on_fatal(str(error))
         failpoints.hit(failpoints.AFTER_INDEX_APPEND)
-        await asyncio.to_thread(self.store.forget_temp, blob)
+        self.store.forget_temp(blob)
         failpoints.hit(failpoints.BEFORE_RESPONSE)
-        reply = Reply(
-            201,
-            {
-                "status": "stored",
-                "host_id": host_id,
-                "episode_id": episode_id,
-                "sha256": row.sha256,
-                "size_bytes": row.size_bytes,
-                "commit": row.commit,
-                "behind_by": verdict.behind_by,
-            },
-        )
-        _add_warning(reply, verdict)
-        return reply
+        return row
 
     @staticmethod
     def _reconcile_commit(header: str | None, meta_value: str | None) -> str | None:
@@ -220,13 +329,16 @@ class Ingestor:
 
     async def _stored_row(self, host_id: str, episode_id: str) -> IndexRow | None:
         """The row of a stored episode, repairing a missing row for a stored file."""
-        await asyncio.to_thread(self.index.refresh)
+        return await asyncio.to_thread(self._stored_row_now, host_id, episode_id)
+
+    def _stored_row_now(self, host_id: str, episode_id: str) -> IndexRow | None:
+        self.index.refresh()
         row = self.index.lookup(host_id, episode_id)
         if row is not None:
             return row
-        if not await asyncio.to_thread(self.store.exists, host_id, episode_id):
+        if not self.store.exists(host_id, episode_id):
             return None
-        return await asyncio.to_thread(self._repair_row, host_id, episode_id)
+        return self._repair_row(host_id, episode_id)
 
     def _repair_row(self, host_id: str, episode_id: str) -> IndexRow:
         """A stored file with no row (a crash between install and append): index it now."""

@@ -73,7 +73,7 @@ class BodySink:
         """In a worker thread: write, hash, hand to the validator."""
         if self._fd is not None:
             for start in range(0, len(batch), _IOV_MAX):
-                _write_all(self._fd, batch[start : start + _IOV_MAX])
+                write_all(self._fd, batch[start : start + _IOV_MAX])
         for chunk in batch:
             self._sha.update(chunk)
         validator = self._validator
@@ -112,7 +112,8 @@ class BodySink:
             self._validator.abort()
 
 
-def _write_all(fd: int, buffers: list[bytes]) -> None:
+def write_all(fd: int, buffers: list[bytes]) -> None:
+    """Write every byte of buffers, in order (writev, then by hand after a short write)."""
     total = sum(len(b) for b in buffers)
     written = os.writev(fd, buffers)
     if written == total:

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import StartReceiver
-from tests.e2e.test_receiver_limits import open_upload
+from tests.e2e.test_receiver_limits import open_upload, uploads_in_progress, wait_for
 from tests.e2e.test_receiver_protocol import HEADER, index_rows, put, stored_files, temp_files
 from tests.support import (
     PROJECT_ROOT,
@@ -74,10 +74,7 @@ def test_second_upload_of_an_id_in_flight_gets_423(
     head = head_commits(repo, 1)[0]
     body = make_tarball(head)
     with open_upload(receiver.port, "/episodes/h/e", head, len(body), body[:10]) as sock:
-        deadline = time.monotonic() + 10
-        while not temp_files(tmp_path / "data"):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_for(lambda: uploads_in_progress(receiver.url) == 1)
         second = put(receiver.url, "/episodes/h/e", body, head)
         assert second.status_code == 423
         assert second.json()["error"] == "upload-in-flight"

@@ -12,11 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from episode_common.config_loading import ConfigError
 from receiver.config import load_config
 from receiver.errors import InsufficientStorage, ServerBusy, TooManyUploadsFromHost
+from receiver.ingest import SMALL_BODY_BYTES
 from receiver.limits import UploadAdmission
 from tests.conftest import StartReceiver
 from tests.e2e.test_receiver_protocol import HEADER, index_rows, put, stored_files, temp_files
@@ -48,6 +50,16 @@ def read_response(sock: socket.socket, timeout: float = 20) -> tuple[int, dict[s
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     return int(head.split(b" ")[1]), json.loads(body) if body else {}
+
+
+def uploads_in_progress(url: str) -> int:
+    """Uploads holding a slot, from /healthz: the signal that a hanging PUT has been admitted.
+
+    (A temp file is no such signal: a small body is stored only once it is complete.)
+    """
+    value = httpx.get(f"{url}/healthz", timeout=5).json()["uploads_in_progress"]
+    assert isinstance(value, int)
+    return value
 
 
 def wait_for(condition: object, timeout: float = 10) -> None:
@@ -86,7 +98,7 @@ def test_concurrency_caps_answer_503_and_429(
     body = make_tarball(head)
     first = open_upload(receiver.port, "/episodes/a/e1", head, len(body), body[:10])
     second = open_upload(receiver.port, "/episodes/b/e1", head, len(body), body[:10])
-    wait_for(lambda: len(temp_files(tmp_path / "data")) == 2)
+    wait_for(lambda: uploads_in_progress(receiver.url) == 2)
     same_host = put(receiver.url, "/episodes/a/e2", body, head)
     assert same_host.status_code == 429
     assert same_host.json()["error"] == "too-many-uploads"
@@ -124,10 +136,12 @@ def test_507_counts_space_reserved_by_uploads_in_flight(
 def test_slow_client_gets_408_and_its_temp_file_is_removed(
     tmp_path: Path, repo: Path, start_receiver: StartReceiver
 ) -> None:
-    receiver = start_receiver(repo, server={"body_timeout_seconds": 0.5})
+    receiver = start_receiver(repo, server={"body_timeout_seconds": 1})
     head = head_commits(repo, 1)[0]
-    body = make_tarball(head)
+    # Over SMALL_BODY_BYTES, so the body streams to a temp file from its first byte.
+    body = make_tarball(head, {"data/x.bin": os.urandom(SMALL_BODY_BYTES + 1)})
     sock = open_upload(receiver.port, "/episodes/h/e", head, len(body), body[:10])
+    wait_for(lambda: len(temp_files(tmp_path / "data")) == 1, timeout=0.9)
     status, answer = read_response(sock)
     sock.close()
     assert status == 408 and answer["error"] == "body-timeout"
@@ -142,7 +156,7 @@ def test_sigterm_lets_in_flight_uploads_finish_then_exits_0(
     head = head_commits(repo, 1)[0]
     body = make_tarball(head)
     sock = open_upload(receiver.port, "/episodes/h/e", head, len(body), body[:10])
-    wait_for(lambda: len(temp_files(tmp_path / "data")) == 1)
+    wait_for(lambda: uploads_in_progress(receiver.url) == 1)
     assert receiver.proc is not None
     receiver.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
