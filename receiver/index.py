@@ -31,8 +31,13 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 
 
-class IndexRow(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One catalogue row. Fields are declared in sorted order so rows are written key-sorted."""
+class IndexRow(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
+    """One catalogue row. Fields are declared in sorted order so rows are written key-sorted.
+
+    gc=False: a row holds only strings, numbers and None, so it can be in no cycle;
+    untracked, the million rows of a large index cost the cyclic collector nothing
+    (no pass walks them, no pause on the event loop) and 16 bytes less each.
+    """
 
     backfilled: bool = False
     commit: str | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import gc
 import json
 import multiprocessing
 import os
@@ -592,3 +593,16 @@ def test_a_failed_group_write_fails_every_caller_and_leaves_the_file_unchanged(
     assert all(isinstance(outcome, DurabilityError) for outcome in outcomes)
     assert path.read_bytes() == before
     assert all(index.lookup("lab-07", r.episode_id) is None for r in rows)
+
+
+def test_rows_of_a_loaded_index_are_not_tracked_by_the_cyclic_collector(tmp_path: Path) -> None:
+    # A million rows must not be walked by every full collection (pauses on the loop).
+    path = tmp_path / "index.jsonl"
+    rows = [new_row("h", f"e{n}", "a" * 64, n, None) for n in range(3)]
+    path.write_bytes(b"".join(encode_row(row) for row in rows))
+    index = JsonlIndex(path)
+    index.load()
+    loaded = list(index.rows())
+    assert len(loaded) == 3
+    assert not any(gc.is_tracked(row) for row in loaded)
+    assert not gc.is_tracked(new_row("h", "fresh", "b" * 64, 1, None))
