@@ -172,28 +172,33 @@ def make_tarball(commit: str | None, files: Mapping[str, bytes] | None = None) -
     return compressed
 
 
+def read_http_response(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
+    """One HTTP response (status, body by Content-Length); bytes after it stay in buffer."""
+    while b"\r\n\r\n" not in buffer:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"connection closed mid-response: {bytes(buffer)!r}")
+        buffer += chunk
+    header_block, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+    status = int(header_block.split(b" ", 2)[1])
+    length = 0
+    for line in header_block.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("connection closed mid-body")
+        rest += chunk
+    buffer[:] = rest[length:]
+    return status, rest[:length]
+
+
 def raw_request(
     port: int, head: bytes, body: bytes = b"", timeout: float = 10.0
 ) -> tuple[int, bytes]:
     """Send exact bytes (no client-side URL normalisation); returns (status, response body)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(head + body)
-        received = b""
-        while b"\r\n\r\n" not in received:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            received += chunk
-        header_block, _, rest = received.partition(b"\r\n\r\n")
-        status = int(header_block.split(b" ", 2)[1])
-        length = 0
-        for line in header_block.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value.strip())
-        while len(rest) < length:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            rest += chunk
-        return status, rest[:length]
+        return read_http_response(sock, bytearray())

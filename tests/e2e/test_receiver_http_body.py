@@ -19,7 +19,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from receiver.http_protocol import ReceiverProtocol, protocol_class
 from tests.conftest import StartReceiver
-from tests.support import head_commits, make_tarball
+from tests.support import head_commits, make_tarball, read_http_response
 
 
 def put_head(episode: str, commit: str, length: int, *extra: str) -> bytes:
@@ -31,27 +31,6 @@ def put_head(episode: str, commit: str, length: int, *extra: str) -> bytes:
         *extra,
     ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def read_response(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
-    """One response from the socket; bytes after it stay in buffer."""
-    while b"\r\n\r\n" not in buffer:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed mid-response: {bytes(buffer)!r}"
-        buffer += chunk
-    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value.strip())
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed mid-body"
-        rest += chunk
-    buffer[:] = rest[length:]
-    return status, rest[:length]
 
 
 def stored_bytes(data_dir: Path, episode: str) -> bytes:
@@ -73,7 +52,7 @@ def test_pipelined_uploads_on_one_connection_are_each_stored_whole(
     with socket.create_connection(("127.0.0.1", receiver.port), timeout=20) as sock:
         sock.sendall(wire)  # all three requests before reading any response
         buffer = bytearray()
-        replies = [read_response(sock, buffer) for _ in bodies]
+        replies = [read_http_response(sock, buffer) for _ in bodies]
     for n, (status, reply) in enumerate(replies):
         assert status == 201, reply
         assert json.loads(reply)["sha256"] == hashlib.sha256(bodies[n]).hexdigest()
@@ -92,7 +71,7 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(
         assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), interim
         sock.sendall(body)
         buffer = bytearray(interim[len(b"HTTP/1.1 100 Continue\r\n\r\n") :])
-        status, reply = read_response(sock, buffer)
+        status, reply = read_http_response(sock, buffer)
     assert status == 201, reply
     assert stored_bytes(tmp_path / "data", "ep-1") == body
 
@@ -116,7 +95,7 @@ def test_a_body_in_many_small_pieces_and_in_bursts_arrives_whole_and_in_order(
             turn += 1
             if turn % 50 == 0:
                 time.sleep(0.001)
-        status, reply = read_response(sock, bytearray())
+        status, reply = read_http_response(sock, bytearray())
     assert status == 201, reply
     assert json.loads(reply)["size_bytes"] == len(body)
     assert stored_bytes(tmp_path / "data", "ep-1") == body
@@ -137,7 +116,7 @@ def test_a_client_that_leaves_mid_body_leaves_nothing_and_the_next_upload_works(
     while True:
         with socket.create_connection(("127.0.0.1", receiver.port), timeout=20) as sock:
             sock.sendall(put_head("ep-1", commit, len(body)) + body)
-            status, reply = read_response(sock, bytearray())
+            status, reply = read_http_response(sock, bytearray())
         if status != 423 or time.monotonic() > deadline:
             break
         time.sleep(0.05)
