@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench import figures_ops, figures_upload
-from bench.receivers import Bench
+from bench.receivers import Bench, compile_bytecode
 from bench.report import Figure, print_figure, summary_lines
 from bench.sizes import QUICK, Sizes
 
@@ -91,6 +91,7 @@ def run(argv: Sequence[str] | None = None) -> list[Figure]:
     print(machine_line())
     print(f"sizes: {sizes}", flush=True)
     figures: list[Figure] = []
+    compile_bytecode()
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="episode-bench-") as scratch:
         bench = Bench.create(Path(scratch), sizes)
         for keys, measure in GROUPS:
