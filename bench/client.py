@@ -8,6 +8,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from tests.support import read_http_response
+
 
 class HttpError(Exception):
     """A request in the bench did not get the answer it needed."""
@@ -17,31 +19,6 @@ def _head(method: str, port: int, target: str, headers: Mapping[str, str], lengt
     lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", f"Content-Length: {length}"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def _read_response(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
-    """One response off a keep-alive connection; `buffer` carries bytes read past it."""
-    while b"\r\n\r\n" not in buffer:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise HttpError(f"connection closed before a response ({bytes(buffer[:80])!r})")
-        buffer += chunk
-    end = buffer.index(b"\r\n\r\n") + 4
-    head = bytes(buffer[:end]).decode("latin-1").split("\r\n")
-    status = int(head[0].split(" ", 2)[1])
-    length = 0
-    for line in head[1:]:
-        name, _, value = line.partition(":")
-        if name.strip().lower() == "content-length":
-            length = int(value.strip())
-    while len(buffer) < end + length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        buffer += chunk
-    body = bytes(buffer[end : end + length])
-    del buffer[: end + length]
-    return status, body
 
 
 def put_file(port: int, target: str, path: Path, headers: Mapping[str, str]) -> tuple[int, bytes]:
@@ -54,7 +31,7 @@ def put_file(port: int, target: str, path: Path, headers: Mapping[str, str]) -> 
                 sock.sendfile(body)
         except (BrokenPipeError, ConnectionResetError):
             pass  # answered early (a rejection): the response says why
-        return _read_response(sock, bytearray())
+        return read_http_response(sock, bytearray())
 
 
 class KeepAlive:
@@ -68,7 +45,7 @@ class KeepAlive:
 
     def put(self, target: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
         self._sock.sendall(_head("PUT", self.port, target, headers, len(body)) + body)
-        return _read_response(self._sock, self._buffer)
+        return read_http_response(self._sock, self._buffer)
 
     def close(self) -> None:
         self._sock.close()
@@ -77,7 +54,7 @@ class KeepAlive:
 def get(port: int, target: str, timeout: float = 1.0) -> tuple[int, bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        return _read_response(sock, bytearray())
+        return read_http_response(sock, bytearray())
 
 
 def wait_healthy(port: int, deadline: float, interval: float = 0.005) -> float:
