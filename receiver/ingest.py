@@ -182,23 +182,26 @@ class Ingestor:
         declared: str | None,
         restore: IndexRow | None,
     ) -> tuple[IndexRow | None, str]:
-        """In a worker thread: a whole small body from temp file to index row."""
+        """In a worker thread: a whole small body checked, then from temp file to index row.
+
+        The checks come first, so a rejected small body never touches the disk.
+        """
+        sha256 = hashlib.sha256(data).hexdigest()
+        summary = None
+        if self.config.storage.validate != "none":
+            validator = StreamValidator(self.config.storage)
+            validator.feed(data)
+            summary = validator.finish()
+        recorded = self._checked(commit, declared, sha256, summary, restore)
         blob = self.store.create_temp(host_id, episode_id, commit)
         try:
-            try:
-                write_all(blob.fd, [data])
-            except OSError as error:
-                no_space = _as_no_space(error)
-                if no_space is None:
-                    raise
-                raise no_space from error
-            sha256 = hashlib.sha256(data).hexdigest()
-            summary = None
-            if self.config.storage.validate != "none":
-                validator = StreamValidator(self.config.storage)
-                validator.feed(data)
-                summary = validator.finish()
-            recorded = self._checked(commit, declared, sha256, summary, restore)
+            write_all(blob.fd, [data])
+        except OSError as error:
+            self.store.discard(blob)
+            no_space = _as_no_space(error)
+            if no_space is None:
+                raise
+            raise no_space from error
         except BaseException:
             self.store.discard(blob)
             raise

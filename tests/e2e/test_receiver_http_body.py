@@ -123,3 +123,21 @@ def test_a_client_that_leaves_mid_body_leaves_nothing_and_the_next_upload_works(
     assert status == 201, reply
     assert stored_bytes(data_dir, "ep-1") == body
     assert [p for p in (data_dir / "tmp").rglob("*") if p.is_file()] == [], "temp file left"
+
+
+def test_a_rejected_small_body_never_reaches_the_disk(
+    tmp_path: Path, repo: Path, start_receiver: StartReceiver
+) -> None:
+    # A small body is checked before its temp file is made: a new host's temp directory
+    # is not even created (a streamed body's would be, and stay, empty).
+    receiver = start_receiver(repo)
+    commit = head_commits(repo, 1)[0]
+    not_a_tarball = os.urandom(50_000)
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=20) as sock:
+        sock.sendall(put_head("ep-1", commit, len(not_a_tarball)) + not_a_tarball)
+        status, reply = read_http_response(sock, bytearray())
+    assert status == 400, reply
+    assert json.loads(reply)["error"] == "invalid-tarball"
+    data_dir = tmp_path / "data"
+    assert not (data_dir / "tmp" / "lab-01").exists()
+    assert not (data_dir / "episodes" / "lab-01").exists()
