@@ -8,7 +8,7 @@ fsynced, linked into place, its directory fsynced and its index row fsynced.
 Blocking work runs in worker threads, in as few hand-offs as the order allows:
 each hand-off costs two thread switches and an event-loop wake-up, which under a
 load of small uploads was a third of the receiver's CPU. A body of at most
-SMALL_BODY_BYTES is received into memory and then written, hashed, validated,
+SMALL_BODY_BYTES is received into memory and then hashed, validated, written,
 installed and indexed in one hand-off; a larger one streams through BodySink
 and is installed and indexed in one more.
 """
