@@ -26,6 +26,7 @@ from bench.receivers import (
     cpu_seconds,
     environment_with_shim,
     git_shim,
+    in_threads,
     peak_rss_mib,
     processes,
     receiver,
@@ -40,7 +41,6 @@ from tests.support import PROJECT_ROOT
 def _load(port: int, count: int, clients: int, run: int, body: bytes, commit: str) -> list[float]:
     """`clients` keep-alive connections, `count` PUTs in all; returns the latencies."""
     latencies: list[float] = []
-    errors: list[BaseException] = []
     lock = threading.Lock()
 
     def client(number: int) -> None:
@@ -54,20 +54,12 @@ def _load(port: int, count: int, clients: int, run: int, body: bytes, commit: st
                 if status != 201:
                     raise RuntimeError(f"PUT {target} answered {status}: {answer[:200]!r}")
                 mine.append(time.perf_counter() - started)
-        except BaseException as error:  # noqa: BLE001 - reported after the join
-            errors.append(error)
         finally:
             connection.close()
             with lock:
                 latencies.extend(mine)
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    in_threads(client, clients)
     return latencies
 
 

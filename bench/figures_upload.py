@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from bench.receivers import (
     Bench,
     clear_stored,
     cpu_seconds,
+    in_threads,
     peak_rss_mib,
     processes,
     receiver,
@@ -93,21 +93,7 @@ def _in_parallel(
     process: ReceiverProcess, count: int, episode: str, src: Path, commit: str
 ) -> None:
     """`count` uploads of src at once, from hosts host-00.. (one upload per host)."""
-    errors: list[BaseException] = []
-
-    def one(number: int) -> None:
-        try:
-            upload(process, f"host-{number:02d}", episode, src, commit)
-        except BaseException as error:  # noqa: BLE001 - reported after the join
-            errors.append(error)
-
-    threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    in_threads(lambda number: upload(process, f"host-{number:02d}", episode, src, commit), count)
 
 
 def concurrent_uploads(bench: Bench) -> list[Figure]:

@@ -11,7 +11,8 @@ import contextlib
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,25 @@ class Bench:
             shutil.rmtree(path)
         path.mkdir(parents=True)
         return path
+
+
+def in_threads(work: Callable[[int], None], count: int) -> None:
+    """Run work(0) .. work(count - 1) in threads at once; re-raise the first failure."""
+    errors: list[BaseException] = []
+
+    def guarded(number: int) -> None:
+        try:
+            work(number)
+        except BaseException as error:  # noqa: BLE001 - re-raised after the join
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 def git_shim(directory: Path) -> Path:
