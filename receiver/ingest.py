@@ -265,9 +265,7 @@ class Ingestor:
         """The checks on a complete body; returns the commit to record."""
         if declared is not None and declared != sha256:
             raise DigestMismatch(f"Content-Digest says sha-256 {declared}, the body has {sha256}")
-        recorded = self._reconcile_commit(
-            header_commit, summary.meta_commit if summary is not None else None
-        )
+        recorded = self._reconcile_commit(header_commit, summary)
         if restore is not None and sha256 != restore.sha256:
             raise Conflict(
                 "this id is indexed with different content; nothing was stored",
@@ -314,10 +312,18 @@ class Ingestor:
         failpoints.hit(failpoints.BEFORE_RESPONSE)
         return row
 
-    @staticmethod
-    def _reconcile_commit(header: str | None, meta_value: str | None) -> str | None:
-        """The commit to record; meta.json must agree with the header when both exist."""
+    def _reconcile_commit(self, header: str | None, summary: TarSummary | None) -> str | None:
+        """The commit to record; meta.json must agree with the header when both exist.
+
+        With the gate on, a walked meta.json must name a commit; with it off, an episode
+        that names none anywhere is stored without one (emergency collect mode).
+        """
+        if summary is None or self.config.storage.validate != "tar":
+            return header
+        meta_value = summary.meta_commit
         if meta_value is None:
+            if self.config.version_gate.enabled:
+                raise InvalidTarball("meta.json has no code_version.commit")
             return header
         meta = normalise_commit(meta_value)
         if meta is None:

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from episode_common.archive import ArchiveLayoutError, MetaLocator
 from receiver.config import StorageConfig
 from receiver.errors import InvalidTarball
 
@@ -45,7 +46,7 @@ _KINDS = {
 
 @dataclass(frozen=True)
 class TarSummary:
-    meta_commit: str | None  # code_version.commit as found; None unless validate = "tar"
+    meta_commit: str | None  # code_version.commit as written; None unless validate = "tar"
     members: int
     unpacked_bytes: int
 
@@ -173,10 +174,6 @@ class _TarWalk(tarfile.TarFile):
     members: list[tarfile.TarInfo]
 
 
-def _is_meta(name: str) -> bool:
-    return [part for part in name.split("/") if part not in ("", ".")] == ["meta.json"]
-
-
 def _check_member(info: tarfile.TarInfo) -> None:
     name = info.name
     if not name:
@@ -190,7 +187,8 @@ def _check_member(info: tarfile.TarInfo) -> None:
         raise InvalidTarball(f"member {name!r} is a {kind}; only files and directories allowed")
 
 
-def _meta_commit(tar: _TarWalk, info: tarfile.TarInfo) -> str:
+def _meta_commit(tar: _TarWalk, info: tarfile.TarInfo) -> str | None:
+    """code_version.commit as written (None when meta.json names none)."""
     if not info.isreg():
         raise _BadMeta("meta.json is not a regular file")
     if info.size > META_MAX_BYTES:
@@ -203,19 +201,29 @@ def _meta_commit(tar: _TarWalk, info: tarfile.TarInfo) -> str:
         raise _BadMeta("meta.json is not valid JSON") from None
     version = meta.get("code_version") if isinstance(meta, dict) else None
     commit = version.get("commit") if isinstance(version, dict) else None
-    if not isinstance(commit, str):
-        raise _BadMeta("meta.json has no code_version.commit")
+    if commit is not None and not isinstance(commit, str):
+        raise _BadMeta("meta.json code_version.commit is not a string")
     return commit
+
+
+def _read_candidate(tar: _TarWalk, info: tarfile.TarInfo) -> str | None | _BadMeta:
+    try:
+        return _meta_commit(tar, info)
+    except _BadMeta as error:
+        return error
 
 
 def _walk(
     reader: _ForwardReader, storage: StorageConfig, *, strict: bool
 ) -> tuple[str | None, int]:
-    """(meta.json's commit, member count). strict: vet every member and require one meta.json;
-    otherwise stop at the first meta.json, answering None when there is none or it is unusable."""
-    commit: str | None = None
+    """(meta.json's commit, member count), meta.json found by the shared layout rule.
+
+    strict: vet every member and refuse an archive without one usable meta.json; otherwise
+    answer None for those, and stop early once a top-level meta.json settles the layout.
+    """
+    locator = MetaLocator()
+    candidates: dict[str, str | None | _BadMeta] = {}
     members = 0
-    seen_meta = False
     try:
         # "r:" rather than "r|": stream mode skips member data in 10 KiB reads and copies;
         # "r:" seeks, and _ForwardReader.seek drops whole pieces. Neither ever seeks back.
@@ -227,23 +235,24 @@ def _walk(
                 if members > storage.max_members:
                     raise InvalidTarball(f"more than {storage.max_members} members")
                 _check_member(info)
-            if not _is_meta(info.name):
-                continue
-            if seen_meta:
-                raise InvalidTarball("more than one meta.json")
-            seen_meta = True
-            try:
-                commit = _meta_commit(tar, info)
-            except _BadMeta:
-                if strict:
-                    raise
-            if not strict:
-                return commit, members
+            place = locator.observe(info.name)
+            if place is not None:
+                candidates[place] = _read_candidate(tar, info)
+                if not strict and locator.settled_at_top:
+                    break
     except tarfile.TarError as error:
         raise InvalidTarball(f"tar: {error}") from None
-    if strict and not seen_meta:
-        raise InvalidTarball("no meta.json")
-    return commit, members
+    try:
+        found = candidates[locator.finish()]
+    except ArchiveLayoutError as error:
+        if strict:
+            raise InvalidTarball(str(error)) from None
+        return None, members
+    if isinstance(found, _BadMeta):
+        if strict:
+            raise found
+        return None, members
+    return found, members
 
 
 def _validate(

@@ -23,6 +23,8 @@ from typing import Any
 
 import watchfiles
 
+from episode_common.archive import ArchiveLayoutError, MetaLocator
+
 try:
     from compression import zstd  # type: ignore[import-not-found, unused-ignore]
 except ImportError:  # Python < 3.14
@@ -135,20 +137,43 @@ def read_commit(entry: Entry) -> str:
 
 
 def _commit_from_tarball(entry: Entry) -> str:
+    """The commit of a pre-packed tarball, its meta.json found by the receiver's layout rule.
+
+    A top-level meta.json is read at once; one inside a directory counts only once the walk
+    has shown that directory to be the archive's only top-level entry.
+    """
+    locator = MetaLocator()
+    commits: dict[str, str | BadEpisode] = {}
     try:
         with zstd.open(entry.path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
-                # Only a top-level meta.json counts, as for the receiver's own check.
-                name = "/".join(p for p in member.name.split("/") if p not in ("", "."))
-                if name == "meta.json" and member.isfile():
-                    if member.size > MAX_META_BYTES:
-                        raise BadEpisode(f"{name}: larger than 16 MiB")
-                    handle = tar.extractfile(member)
-                    assert handle is not None  # a regular file always has one
-                    return commit_from_meta(handle.read(), f"{entry.path.name}:{name}")
+                place = locator.observe(member.name)
+                if place is not None:
+                    commits[place] = _member_commit(entry, tar, member)
+                    if locator.settled_at_top:
+                        break
+        found = commits[locator.finish()]
+    except ArchiveLayoutError as error:
+        raise BadEpisode(f"{entry.path.name}: {error}") from None
     except (OSError, EOFError, tarfile.TarError, zstd.ZstdError) as error:
         raise BadEpisode(f"{entry.path.name}: not a readable tar.zst ({error})") from None
-    raise BadEpisode(f"{entry.path.name}: has no meta.json")
+    if isinstance(found, BadEpisode):
+        raise found
+    return found
+
+
+def _member_commit(entry: Entry, tar: tarfile.TarFile, member: tarfile.TarInfo) -> str | BadEpisode:
+    where = f"{entry.path.name}:{member.name}"
+    if not member.isfile():
+        return BadEpisode(f"{where}: not a regular file")
+    if member.size > MAX_META_BYTES:
+        return BadEpisode(f"{where}: larger than 16 MiB")
+    handle = tar.extractfile(member)
+    assert handle is not None  # a regular file always has one
+    try:
+        return commit_from_meta(handle.read(), where)
+    except BadEpisode as error:
+        return error
 
 
 async def watch_names(spool_dir: Path, stop: asyncio.Event) -> AsyncIterator[set[str]]:

@@ -154,8 +154,13 @@ class ReceiverProcess:
         self.proc.wait()
 
 
-def make_tarball(commit: str | None, files: Mapping[str, bytes] | None = None) -> bytes:
-    """A valid episode .tar.zst with meta.json (code_version.commit) and data files."""
+def make_tarball(
+    commit: str | None, files: Mapping[str, bytes] | None = None, top: str = ""
+) -> bytes:
+    """A valid episode .tar.zst with meta.json (code_version.commit) and data files.
+
+    With top, every member is inside that one top-level directory.
+    """
     raw = io.BytesIO()
     members: dict[str, bytes] = {}
     if commit is not None:
@@ -163,7 +168,7 @@ def make_tarball(commit: str | None, files: Mapping[str, bytes] | None = None) -
     members.update(files or {"data/obs.bin": os.urandom(1024)})
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, content in members.items():
-            info = tarfile.TarInfo(name)
+            info = tarfile.TarInfo(f"{top}/{name}" if top else name)
             info.size = len(content)
             info.mtime = 0
             tar.addfile(info, io.BytesIO(content))

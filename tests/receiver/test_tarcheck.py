@@ -59,9 +59,13 @@ def build_tar(*entries: tuple[tarfile.TarInfo, bytes], meta: bytes | None = META
     standard.append(entry("data/log.csv", data=LOG))
     if meta is not None:
         standard.insert(0, entry("meta.json", data=meta))
+    return build_tar_of(*standard, *entries)
+
+
+def build_tar_of(*entries: tuple[tarfile.TarInfo, bytes]) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for info, data in [*standard, *entries]:
+        for info, data in entries:
             tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
     return buffer.getvalue()
 
@@ -110,19 +114,64 @@ def test_meta_json_under_dot_slash_accepted() -> None:
     assert validate_stream([compress(raw)], storage()).meta_commit == COMMIT
 
 
+MISSING = "no meta.json at the top or under the single top-level directory"
+
+
+def episode_dir_tar(top: str, *extra: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    """The layout `tar -C spool -cf - <top>` makes: everything inside one directory."""
+    members = [entry(top, tarfile.DIRTYPE), entry(f"{top}/meta.json", data=META)]
+    members += [entry(f"{top}/data", tarfile.DIRTYPE), entry(f"{top}/data/log.csv", data=LOG)]
+    return build_tar_of(*members, *extra)
+
+
+def test_meta_json_at_the_top_accepted() -> None:
+    assert validate_stream([compress(build_tar())], storage()).meta_commit == COMMIT
+
+
+def test_meta_json_in_one_top_level_directory_accepted() -> None:
+    summary = validate_stream([compress(episode_dir_tar("ep-0001"))], storage())
+    assert summary.meta_commit == COMMIT
+    assert summary.members == 4
+
+
+def test_meta_json_in_one_dot_slash_directory_accepted() -> None:
+    raw = build_tar_of(entry("./ep-1", tarfile.DIRTYPE), entry("./ep-1/meta.json", data=META))
+    assert validate_stream([compress(raw)], storage()).meta_commit == COMMIT
+
+
+def test_meta_json_with_two_top_level_directories_rejected() -> None:
+    raw = episode_dir_tar("ep-1", entry("ep-2", tarfile.DIRTYPE), entry("ep-2/x", data=b"x"))
+    assert rejection(compress(raw)) == f"{MISSING} (the archive has several top-level entries)"
+
+
+def test_meta_json_in_each_of_two_directories_rejected() -> None:
+    raw = episode_dir_tar("a", entry("b", tarfile.DIRTYPE), entry("b/meta.json", data=META))
+    assert rejection(compress(raw)) == f"{MISSING} (the archive has several top-level entries)"
+
+
+def test_meta_json_two_levels_down_rejected() -> None:
+    raw = build_tar_of(entry("a", tarfile.DIRTYPE), entry("a/b/meta.json", data=META))
+    assert rejection(compress(raw)) == f"{MISSING} (a/b/meta.json is too deep)"
+
+
 def test_missing_meta_json_rejected() -> None:
-    nested = entry("data/meta.json", data=META)  # only the root meta.json counts
-    assert rejection(compress(build_tar(nested, meta=None))) == "no meta.json"
+    assert rejection(compress(build_tar(meta=None))) == MISSING
 
 
 def test_meta_json_not_json_rejected() -> None:
     assert rejection(compress(build_tar(meta=b"{commit: nope"))) == "meta.json is not valid JSON"
 
 
-@pytest.mark.parametrize("meta", [{}, {"code_version": "abc"}, {"code_version": {"commit": 7}}, []])
-def test_meta_json_without_string_commit_rejected(meta: object) -> None:
-    detail = rejection(compress(build_tar(meta=json.dumps(meta).encode())))
-    assert detail == "meta.json has no code_version.commit"
+@pytest.mark.parametrize("meta", [{}, {"code_version": "abc"}, []])
+def test_meta_json_without_commit_is_reported_as_none(meta: object) -> None:
+    """Whether that is allowed depends on the gate; the ingest rules decide (400 with it on)."""
+    summary = validate_stream([compress(build_tar(meta=json.dumps(meta).encode()))], storage())
+    assert summary.meta_commit is None
+
+
+def test_meta_json_commit_not_a_string_rejected() -> None:
+    raw = build_tar(meta=json.dumps({"code_version": {"commit": 7}}).encode())
+    assert rejection(compress(raw)) == "meta.json code_version.commit is not a string"
 
 
 def test_meta_json_over_one_mib_rejected() -> None:
@@ -135,10 +184,14 @@ def test_meta_json_directory_rejected() -> None:
     assert rejection(compress(build_tar(directory, meta=None))) == "meta.json is not a regular file"
 
 
-def test_second_meta_json_rejected() -> None:
-    assert (
-        rejection(compress(build_tar(entry("./meta.json", data=META)))) == "more than one meta.json"
-    )
+def test_second_meta_json_at_the_top_rejected() -> None:
+    detail = rejection(compress(build_tar(entry("./meta.json", data=META))))
+    assert detail == "more than one meta.json at the top of the archive"
+
+
+def test_second_meta_json_in_the_directory_rejected() -> None:
+    detail = rejection(compress(episode_dir_tar("ep-1", entry("ep-1/meta.json", data=META))))
+    assert detail == "more than one ep-1/meta.json"
 
 
 def test_absolute_member_rejected() -> None:
@@ -459,6 +512,12 @@ def test_read_meta_commit_stops_at_meta_json() -> None:
 def test_read_meta_commit_none_without_usable_commit() -> None:
     assert read_meta_commit(io.BytesIO(compress(build_tar(meta=None))), storage()) is None
     assert read_meta_commit(io.BytesIO(compress(build_tar(meta=b"[]"))), storage()) is None
+
+
+def test_read_meta_commit_finds_meta_json_in_the_top_level_directory() -> None:
+    assert read_meta_commit(io.BytesIO(compress(episode_dir_tar("ep-1"))), storage()) == COMMIT
+    two = episode_dir_tar("a", entry("b", tarfile.DIRTYPE), entry("b/meta.json", data=META))
+    assert read_meta_commit(io.BytesIO(compress(two)), storage()) is None
 
 
 def test_read_meta_commit_rejects_unreadable_file() -> None:

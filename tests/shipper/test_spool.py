@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -102,16 +103,16 @@ def test_read_commit_from_a_ready_tarball(tmp_path: Path) -> None:
     assert read_commit(Entry("ep-1", path, Kind.TARBALL)) == GOOD
 
 
-def test_a_tarball_without_top_level_meta_json_is_reported(tmp_path: Path) -> None:
+def test_a_tarball_without_meta_json_at_a_known_place_is_reported(tmp_path: Path) -> None:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         data = json.dumps({"code_version": {"commit": GOOD}}).encode()
-        info = tarfile.TarInfo("nested/meta.json")
+        info = tarfile.TarInfo("nested/deeper/meta.json")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     path = tmp_path / "ep-1.tar.zst"
     path.write_bytes(zstd.compress(buffer.getvalue()))
-    with pytest.raises(BadEpisode, match="has no meta.json"):
+    with pytest.raises(BadEpisode, match="no meta.json at the top or under the single top-level"):
         read_commit(Entry("ep-1", path, Kind.TARBALL))
 
 
@@ -120,3 +121,27 @@ def test_a_file_that_is_not_tar_zst_is_reported(tmp_path: Path) -> None:
     path.write_bytes(b"plain text, not zstd")
     with pytest.raises(BadEpisode, match="not a readable tar.zst"):
         read_commit(Entry("ep-1", path, Kind.TARBALL))
+
+
+def pack_with_system_tar(spool: Path, names: list[str], episode_id: str) -> Path:
+    """A pre-packed tarball as lab scripts make it: `tar -C spool -cf - NAME...`, zstd'ed."""
+    raw = subprocess.run(
+        ["tar", "-C", str(spool), "-cf", "-", *names], check=True, capture_output=True
+    )
+    path = spool / f"{episode_id}.tar.zst"
+    path.write_bytes(zstd.compress(raw.stdout))
+    return path
+
+
+def test_read_commit_from_a_tarball_of_one_top_level_directory(tmp_path: Path) -> None:
+    write_episode(tmp_path, "ep-1", commit=GOOD)
+    path = pack_with_system_tar(tmp_path, ["ep-1"], "ep-1")
+    assert read_commit(Entry("ep-1", path, Kind.TARBALL)) == GOOD
+
+
+def test_a_tarball_of_two_top_level_directories_is_reported(tmp_path: Path) -> None:
+    write_episode(tmp_path, "ep-1", commit=GOOD)
+    write_episode(tmp_path, "ep-2", commit=GOOD)
+    path = pack_with_system_tar(tmp_path, ["ep-1", "ep-2"], "both")
+    with pytest.raises(BadEpisode, match="several top-level entries"):
+        read_commit(Entry("both", path, Kind.TARBALL))

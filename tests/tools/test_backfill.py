@@ -215,3 +215,13 @@ def test_backfill_bad_usage_is_one_line_and_exit_2(
     assert result.err.count("\n") == 1
     assert message in result.err
     assert result.out == ""
+
+
+def test_backfill_takes_the_commit_from_a_single_top_level_directory(
+    store: Store, backfill: Tool
+) -> None:
+    commit = "abcdef0123456789abcdef0123456789abcdef01"
+    store.place("lab-09", "packed-by-hand", make_tarball(commit, top="packed-by-hand"))
+    assert backfill(*store_args(store)).code == 0
+    row = store.rows()[-1]
+    assert (row["episode_id"], row["commit"]) == ("packed-by-hand", commit)
