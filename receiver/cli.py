@@ -14,7 +14,13 @@ from pathlib import Path
 from episode_common.cli_support import fail, setup_logging
 from episode_common.config_loading import ConfigError
 from receiver import __version__
-from receiver.config import ReceiverConfig, dev_config, ensure_data_dir, load_config
+from receiver.config import (
+    ReceiverConfig,
+    dev_config,
+    ensure_data_dir,
+    load_config,
+    with_server_overrides,
+)
 
 PROG = "episode-receiver"
 
@@ -69,24 +75,13 @@ def _load(args: argparse.Namespace) -> ReceiverConfig:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import msgspec
-
     from receiver.recovery import StartupError
     from receiver.server import run_server
 
-    config = _load(args)
-    server = config.server
     overrides = {"host": args.host, "port": args.port, "workers": args.workers}
     changed = {key: value for key, value in overrides.items() if value is not None}
-    if changed:
-        try:
-            server = msgspec.convert(
-                {**msgspec.structs.asdict(server), **changed}, type=type(server)
-            )
-        except msgspec.ValidationError as error:
-            fail(PROG, f"command line: {error}")
-        config = msgspec.structs.replace(config, server=server)
     try:
+        config = with_server_overrides(_load(args), changed)
         ensure_data_dir(config)
     except ConfigError as error:
         fail(PROG, f"config: {error}")

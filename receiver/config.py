@@ -15,7 +15,13 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from episode_common.config_loading import ConfigError, convert, read_toml, resolve_path
+from episode_common.config_loading import (
+    ConfigError,
+    convert,
+    encode_hook,
+    read_toml,
+    resolve_path,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -165,6 +171,19 @@ def from_mapping(data: dict[str, Any], source: str, base: Path) -> ReceiverConfi
 def load_config(path: Path) -> ReceiverConfig:
     """Load the receiver's config file (relative paths: relative to the file's directory)."""
     return from_mapping(read_toml(path), str(path), path.resolve().parent)
+
+
+def with_server_overrides(config: ReceiverConfig, changed: dict[str, Any]) -> ReceiverConfig:
+    """Command-line values for [server] (serve --host/--port/--workers, --dev), checked
+    exactly like the same values in a file: one validation, one set of rules."""
+    if not changed:
+        return config
+    source = f"{config.source} with command-line {', '.join(f'--{key}' for key in changed)}"
+    data = msgspec.to_builtins(config, enc_hook=encode_hook)
+    data["server"].update(changed)
+    checked = convert(source, {**data, "source": source}, ReceiverConfig)
+    _check_semantics(checked)
+    return msgspec.structs.replace(checked, source=config.source)
 
 
 def dev_config(project_root: Path, port: int | None = None) -> ReceiverConfig:
