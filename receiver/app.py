@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -26,9 +27,10 @@ from starlette.routing import Route
 from receiver import __version__
 from receiver.auth import TokenStore
 from receiver.config import ReceiverConfig
-from receiver.errors import IngestError, InvalidId, LengthRequired
-from receiver.events import RequestEvent
+from receiver.errors import Forbidden, IngestError, InvalidId, LengthRequired, Unauthorized
+from receiver.events import UNAUTHENTICATED_HOST, RequestEvent
 from receiver.gate import VersionGate
+from receiver.ids import normalise_commit
 from receiver.index import open_index
 from receiver.ingest import Ingestor, Reply, UploadHeaders
 from receiver.limits import UploadAdmission, with_body_timeout
@@ -95,6 +97,39 @@ def _content_length(request: Request) -> int | None:
     return int(value)
 
 
+@dataclass
+class RequestFacts:
+    """What one episode request said and did, for its log line and telemetry event."""
+
+    claimed_host: str
+    episode_id: str
+    sent_commit: str | None
+    authenticated: bool = True
+    received: int = 0  # body bytes read from the client
+    body: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def host_id(self) -> str:
+        # A name claimed without a valid token never becomes a label or a page entry.
+        return self.claimed_host if self.authenticated else UNAUTHENTICATED_HOST
+
+    @property
+    def commit(self) -> str | None:
+        return normalise_commit(self.sent_commit) if self.sent_commit is not None else None
+
+    async def meter(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in body:
+            self.received += len(chunk)
+            yield chunk
+
+
+def _outcome(reply: Reply, head: bool) -> str:
+    if head:
+        return {200: "present", 404: "absent"}.get(reply.status_code, str(reply.status_code))
+    named = reply.body.get("status") or reply.body.get("error")
+    return str(named) if named else str(reply.status_code)
+
+
 def create_app(config: ReceiverConfig) -> Starlette:
     storage = config.storage
     server = config.server
@@ -135,36 +170,34 @@ def create_app(config: ReceiverConfig) -> Starlette:
             locks.close()
 
     def finished(
-        request: Request, started: float, status: int, outcome: str, body: Mapping[str, Any]
+        request: Request, started: float, status: int, outcome: str, facts: RequestFacts
     ) -> None:
         """One log line and one telemetry event per episode request."""
-        host_id = str(request.path_params.get("host_id", request.url.path))[:200]
-        episode_id = str(request.path_params.get("episode_id", ""))[:200]
         duration = time.monotonic() - started
-        size = int(body.get("size_bytes") or 0)
-        commit = body.get("commit") or body.get("your_commit")
-        behind_by = body.get("behind_by")
+        body = facts.body
         log.info(
             "%s host=%s episode=%s status=%d outcome=%s bytes=%d duration=%.3fs commit=%s",
             request.method,
-            host_id,
-            episode_id,
+            facts.claimed_host[:200],
+            facts.episode_id[:200],
             status,
             outcome,
-            size,
+            facts.received,
             duration,
-            commit,
+            facts.sent_commit[:200] if facts.sent_commit is not None else None,
         )
+        recorded = body.get("commit") or body.get("your_commit") or facts.commit
+        behind_by = body.get("behind_by")
         telemetry.request_finished(
             RequestEvent(
                 method=request.method,
-                host_id=host_id,
-                episode_id=episode_id,
+                host_id=facts.host_id,
+                episode_id=facts.episode_id if facts.authenticated else "",
                 status=status,
                 outcome=outcome,
-                size_bytes=size,
+                size_bytes=int(body.get("size_bytes") or 0),
                 duration_seconds=duration,
-                commit=str(commit) if commit else None,
+                commit=str(recorded) if recorded else None,
                 behind_by=behind_by if isinstance(behind_by, int) else None,
                 finished_at=time.time(),
             )
@@ -173,34 +206,42 @@ def create_app(config: ReceiverConfig) -> Starlette:
     async def episode_request(request: Request) -> Response:
         started = time.monotonic()
         head = request.method == "HEAD"
-        host_id = request.path_params["host_id"]
-        episode_id = request.path_params["episode_id"]
-        commit_value = request.headers.get(header_name)
+        facts = RequestFacts(
+            claimed_host=request.path_params["host_id"],
+            episode_id=request.path_params["episode_id"],
+            sent_commit=request.headers.get(header_name),
+        )
         try:
             if tokens is not None:
-                tokens.authorize(host_id, request.headers.get("authorization"))
-            ingestor = state["ingestor"]
-            if head:
-                reply = await ingestor.head(host_id, episode_id, commit_value)
-            else:
-                headers = UploadHeaders(
-                    commit=commit_value,
-                    content_length=_content_length(request),
-                    content_digest=request.headers.get("content-digest"),
-                )
-                body = with_body_timeout(request.stream(), server.body_timeout_seconds)
-                reply = await ingestor.put(host_id, episode_id, headers, body)
+                try:
+                    tokens.authorize(facts.claimed_host, request.headers.get("authorization"))
+                except (Unauthorized, Forbidden):
+                    facts.authenticated = False
+                    raise
+            reply = await answer_episode(request, facts, head)
         except IngestError as error:
-            finished(request, started, error.status_code, error.code, error.body())
+            facts.body = error.body()
+            finished(request, started, error.status_code, error.code, facts)
             return _error_response(error, head)
         except ClientDisconnect:
-            finished(request, started, 499, "client-disconnected", {})
+            finished(request, started, 499, "client-disconnected", facts)
             return Response(status_code=400)
-        outcome = str(reply.body.get("status", "stored" if reply.status_code < 300 else ""))
-        if head:
-            outcome = {200: "present", 404: "absent"}.get(reply.status_code, outcome)
-        finished(request, started, reply.status_code, outcome, reply.body)
+        facts.body = reply.body
+        finished(request, started, reply.status_code, _outcome(reply, head), facts)
         return _render(reply, head)
+
+    async def answer_episode(request: Request, facts: RequestFacts, head: bool) -> Reply:
+        ingestor = state["ingestor"]
+        host_id, episode_id = facts.claimed_host, facts.episode_id
+        if head:
+            return await ingestor.head(host_id, episode_id, facts.sent_commit)
+        headers = UploadHeaders(
+            commit=facts.sent_commit,
+            content_length=_content_length(request),
+            content_digest=request.headers.get("content-digest"),
+        )
+        body = with_body_timeout(request.stream(), server.body_timeout_seconds)
+        return await ingestor.put(host_id, episode_id, headers, facts.meter(body))
 
     async def invalid_episode_path(request: Request) -> Response:
         error = InvalidId("the path must be /episodes/{host_id}/{episode_id}")

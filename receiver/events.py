@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+# The host of every request that failed authentication: the name it claimed is not
+# trusted, so it never becomes a metric label or a status-page entry.
+UNAUTHENTICATED_HOST = "(unauthenticated)"
+
 
 @dataclass(frozen=True)
 class RequestEvent:

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
-from receiver.events import RequestEvent
+from receiver.events import UNAUTHENTICATED_HOST, RequestEvent
 
 # The contract's id rule (receiver.ids.ID_PATTERN); only such ids may become label values.
 _VALID_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -45,6 +45,8 @@ _KEEP_CHARS = 160
 
 def host_label(host_id: str) -> str:
     """The rejections_total host label: the id itself when valid, else "invalid"."""
+    if host_id == UNAUTHENTICATED_HOST:
+        return host_id
     return host_id if _VALID_ID.fullmatch(host_id) else "invalid"
 
 
@@ -107,7 +109,8 @@ class Telemetry:
         self._rejected = Counter(
             "episode_ingest_rejections",
             'Refused or failed requests, by reason and host ("invalid" for ids that break '
-            'the id rule, "other" past the host label cap)',
+            'the id rule, "(unauthenticated)" for requests without a valid token, "other" '
+            "past the host label cap)",
             ["reason", "host"],
             registry=self.registry,
         )
