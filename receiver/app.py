@@ -280,6 +280,21 @@ def create_app(config: ReceiverConfig) -> Starlette:
         }
         return _json(200, body)
 
+    async def readyz(request: Request) -> Response:
+        """200 when this receiver can store an episode now; else 503 and why (for balancers)."""
+        reasons = []
+        if admission.shutting_down:
+            reasons.append("shutting down")
+        if config.version_gate.enabled and not gate.state().get("loaded"):
+            reasons.append("the version gate has not loaded its commit window yet")
+        storage_reason = await asyncio.to_thread(store.unready_reason, storage.min_free_bytes)
+        if storage_reason is not None:
+            reasons.append(storage_reason)
+        if reasons:
+            body = {"error": "not-ready", "detail": "; ".join(reasons), "reasons": reasons}
+            return _json(503, body, {"Retry-After": "5"})
+        return _json(200, {"status": "ready"})
+
     async def metrics(request: Request) -> Response:
         await asyncio.to_thread(index.refresh)
         telemetry.set_gauges(free_bytes=store.free_bytes(), index_rows=len(index))
@@ -310,6 +325,7 @@ def create_app(config: ReceiverConfig) -> Starlette:
         Route("/episodes/{rest:path}", invalid_episode_path, methods=["PUT", "HEAD"]),
         Route("/gate/{commit}", read_endpoint(gate_answer), methods=["GET"]),
         Route("/healthz", read_endpoint(healthz), methods=["GET"]),
+        Route("/readyz", read_endpoint(readyz), methods=["GET"]),
         Route("/metrics", read_endpoint(metrics), methods=["GET"]),
         Route("/", read_endpoint(status_page), methods=["GET"]),
     ]

@@ -153,6 +153,19 @@ class FilesystemStore:
         stat = os.statvfs(self.data_dir)
         return stat.f_bavail * stat.f_frsize
 
+    def unready_reason(self, min_free_bytes: int) -> str | None:
+        """Why an upload could not be stored now (None when it could): for /readyz."""
+        for directory in (self.episodes_dir, self.tmp_dir):
+            if not os.access(directory, os.W_OK | os.X_OK):
+                return f"storage: {directory} is missing or not writable"
+        try:
+            free = self.free_bytes()
+        except OSError as error:
+            return f"storage: cannot stat {self.data_dir}: {error.strerror}"
+        if free < min_free_bytes:
+            return f"storage: {free} bytes free, below min_free_bytes ({min_free_bytes})"
+        return None
+
 
 def _parse_temp_name(name: str) -> tuple[str, str | None] | None:
     if not name.endswith(".part"):
