@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +14,7 @@ import pytest
 from episode_common.config_loading import ConfigError
 from receiver.config import GiB, dev_config, ensure_data_dir, load_config
 from shipper.config import load_config as load_shipper_config
-from tests.support import PROJECT_ROOT
+from tests.support import PROJECT_ROOT, give_to_another_user
 
 MINIMAL = '[storage]\ndata_dir = "data"\n[version_gate]\nrepo_path = "repo"\n'
 
@@ -125,10 +128,44 @@ def test_dev_config_points_at_the_checkout_and_var(tmp_path: Path) -> None:
     assert config.auth.mode == "none"
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "receiver", *args], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "receiver", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
     )
+
+
+def test_check_config_names_dubious_ownership_and_the_command_that_fixes_it(
+    tmp_path: Path, repo: Path
+) -> None:
+    checkout = (tmp_path / "lab checkout").resolve()
+    shutil.copytree(repo, checkout)
+    give_to_another_user(checkout)
+    # No user config (a safe.directory = * there would hide the refusal); a system config of
+    # our own, so the printed command can be run without touching /etc/gitconfig.
+    system_config = tmp_path / "gitconfig-system"
+    system_config.touch()
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_SYSTEM": str(system_config)}
+    # The premise: git itself refuses a checkout of another user, root included.
+    direct = subprocess.run(
+        ["git", "-C", str(checkout), "rev-parse", "--git-dir"], env=env, capture_output=True
+    )
+    assert direct.returncode == 128 and b"dubious ownership" in direct.stderr
+
+    path = write(tmp_path, MINIMAL.replace('"repo"', f'"{checkout}"'))
+    result = run_cli("check-config", "--config", str(path), env=env)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "is not a git repository" not in line
+    assert f"fatal: detected dubious ownership in repository at '{checkout}'" in line
+    fix = f"git config --system --add safe.directory '{checkout}'"
+    assert line.endswith(fix)
+
+    subprocess.run(shlex.split(fix), env=env, check=True)
+    assert run_cli("check-config", "--config", str(path), env=env).returncode == 0
 
 
 def test_cli_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
