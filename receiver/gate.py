@@ -183,7 +183,7 @@ class VersionGate:
         ref, window = self._config.ref, self._config.window
         fields: dict[str, object] = {"your_commit": commit, "head_commit": head, "window": window}
         if behind_by is None:
-            fields["remediation"] = self._config.remediation
+            fields["remediation"] = self._config.remediation_unknown
             detail = f"commit is not reachable from {ref} (unpushed, another branch, rewritten)"
             return UnknownCommit(detail, fields=fields)
         fields |= {"behind_by": behind_by, "remediation": self._config.remediation}

@@ -142,7 +142,8 @@ def test_400_missing_and_malformed_commit_carry_the_remediation(
 def test_412_stale_and_unknown_commits(
     tmp_path: Path, repo: Path, start_receiver: StartReceiver
 ) -> None:
-    receiver = start_receiver(repo, version_gate={"window": 2})
+    texts = {"remediation": "git -C /opt/x pull\n", "remediation_unknown": "git -C /opt/x push\n"}
+    receiver = start_receiver(repo, version_gate={"window": 2, **texts})
     oldest = head_commits(repo, 3)[-1]  # behind_by 2: just outside a window of 2
     stale = put(receiver.url, "/episodes/h/e", make_tarball(oldest), oldest)
     assert stale.status_code == 412
@@ -152,7 +153,7 @@ def test_412_stale_and_unknown_commits(
     assert body["head_commit"] == head_commits(repo, 1)[0]
     assert body["window"] == 2
     assert body["behind_by"] == 2
-    assert "remediation" in body
+    assert body["remediation"] == texts["remediation"]
 
     git(repo, "checkout", "-q", "-b", "side")
     side = add_commit(repo, "unpushed")
@@ -160,7 +161,9 @@ def test_412_stale_and_unknown_commits(
     unknown = put(receiver.url, "/episodes/h/e", make_tarball(side), side)
     assert unknown.status_code == 412
     assert unknown.json()["error"] == "unknown-commit"
-    assert "remediation" in unknown.json()
+    assert unknown.json()["remediation"] == texts["remediation_unknown"]
+    gate = httpx.get(f"{receiver.url}/gate/{side}")
+    assert (gate.status_code, gate.json()["remediation"]) == (412, texts["remediation_unknown"])
     assert stored_files(tmp_path / "data") == []
 
 

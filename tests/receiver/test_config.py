@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -12,9 +13,16 @@ from pathlib import Path
 import pytest
 
 from episode_common.config_loading import ConfigError
-from receiver.config import GiB, dev_config, ensure_data_dir, load_config
+from receiver.config import (
+    DEFAULT_REMEDIATION,
+    DEFAULT_REMEDIATION_UNKNOWN,
+    GiB,
+    dev_config,
+    ensure_data_dir,
+    load_config,
+)
 from shipper.config import load_config as load_shipper_config
-from tests.support import PROJECT_ROOT, give_to_another_user
+from tests.support import PROJECT_ROOT, add_commit, git, give_to_another_user, head_commits
 
 MINIMAL = '[storage]\ndata_dir = "data"\n[version_gate]\nrepo_path = "repo"\n'
 
@@ -30,6 +38,7 @@ def test_example_configs_load_with_every_key() -> None:
     assert receiver.storage.data_dir == Path("/var/lib/episode-ingest")
     assert receiver.version_gate.header == "X-Code-Commit"
     assert receiver.version_gate.remediation.startswith("# This host's code is too old")
+    assert receiver.version_gate.remediation_unknown.startswith("# This host's commit is not on")
     shipper = load_shipper_config(PROJECT_ROOT / "etc" / "shipper.toml.example")
     assert shipper.host_id == "lab-07"
     assert shipper.receiver_url == "http://ingest.lab.example:8080"
@@ -117,6 +126,92 @@ def test_data_dir_that_cannot_be_created(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL.replace('"data"', '"a-file/data"'))
     with pytest.raises(ConfigError, match=r"storage\.data_dir: cannot create"):
         ensure_data_dir(load_config(path))
+
+
+def run_shell(text: str, code_dir: Path | None, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run a remediation text as a lab host's shell would, with a stand-in episode-shipper."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    shim = bin_dir / "episode-shipper"
+    shim.write_text(f'#!/bin/sh\necho "$*" >> "{tmp_path / "shipper-calls"}"\n')
+    shim.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "EPISODE_CODE_DIR"}
+    env |= {"PATH": f"{bin_dir}:{env['PATH']}", "GIT_CONFIG_GLOBAL": os.devnull}
+    if code_dir is not None:
+        env["EPISODE_CODE_DIR"] = str(code_dir)
+    return subprocess.run(
+        ["bash", "-c", text], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30
+    )
+
+
+def shipper_calls(tmp_path: Path) -> list[str]:
+    calls = tmp_path / "shipper-calls"
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+def lab_checkout(tmp_path: Path, origin: Path) -> Path:
+    """A lab host's clone of the lab code, one commit behind the maintainer's branch."""
+    clone = tmp_path / "lab-code"
+    subprocess.run(["git", "clone", "-q", str(origin), str(clone)], check=True)
+    git(clone, "reset", "-q", "--hard", "HEAD~1")
+    return clone
+
+
+RETRY = "retry --config /etc/episode-ingest/shipper.toml"
+
+
+def test_default_remediation_updates_the_lab_checkout_and_requeues(
+    tmp_path: Path, repo: Path
+) -> None:
+    clone = lab_checkout(tmp_path, repo)
+    behind = git(clone, "rev-parse", "HEAD")
+    unset = run_shell(DEFAULT_REMEDIATION, None, tmp_path)
+    assert unset.returncode != 0 and "set EPISODE_CODE_DIR" in unset.stderr
+    assert git(clone, "rev-parse", "HEAD") == behind and shipper_calls(tmp_path) == []
+
+    result = run_shell(DEFAULT_REMEDIATION, clone, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert git(clone, "rev-parse", "HEAD") == head_commits(repo, 1)[0]
+    assert shipper_calls(tmp_path) == [RETRY]
+
+
+def test_default_unknown_remediation_puts_the_host_back_on_the_tracked_branch(
+    tmp_path: Path, repo: Path
+) -> None:
+    clone = lab_checkout(tmp_path, repo)
+    git(clone, "checkout", "-q", "-b", "experiment")
+    add_commit(clone, "never pushed")
+    unset = run_shell(DEFAULT_REMEDIATION_UNKNOWN, None, tmp_path)
+    assert unset.returncode != 0 and shipper_calls(tmp_path) == []
+    assert git(clone, "rev-parse", "--abbrev-ref", "HEAD") == "experiment"
+
+    result = run_shell(DEFAULT_REMEDIATION_UNKNOWN, clone, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert git(clone, "rev-parse", "--abbrev-ref", "HEAD") == "main"
+    assert git(clone, "rev-parse", "HEAD") == head_commits(repo, 1)[0]
+    assert shipper_calls(tmp_path) == [RETRY]
+    assert 'git -C "$EPISODE_CODE_DIR" push origin HEAD:main' in DEFAULT_REMEDIATION_UNKNOWN
+
+
+def test_example_texts_are_the_defaults_for_the_example_labs_checkout() -> None:
+    gate = load_config(PROJECT_ROOT / "etc" / "receiver.toml.example").version_gate
+    code_dir = re.compile(r'"\$(\{EPISODE_CODE_DIR:\?[^}]*\}|EPISODE_CODE_DIR)"')
+    assert gate.remediation == code_dir.sub("/opt/lab-code", DEFAULT_REMEDIATION)
+    assert gate.remediation_unknown == code_dir.sub("/opt/lab-code", DEFAULT_REMEDIATION_UNKNOWN)
+    for text in (gate.remediation, gate.remediation_unknown):
+        assert "EPISODE_CODE_DIR" not in text and "/path/to" not in text
+
+
+def test_dev_remediation_names_the_served_checkout_and_runs(tmp_path: Path, repo: Path) -> None:
+    gate = dev_config(repo).version_gate
+    head = head_commits(repo, 1)[0]
+    for text in (gate.remediation, gate.remediation_unknown):
+        assert f"git -C {repo} " in text
+        assert "/path/to" not in text and "EPISODE_CODE_DIR" not in text
+        result = run_shell(text, None, tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[-1] == head
+    assert "last 50" in gate.remediation and "not in the history" in gate.remediation_unknown
 
 
 def test_dev_config_points_at_the_checkout_and_var(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from tests.support import give_to_another_user
 
 REAL_GIT = shutil.which("git") or "git"
 REMEDIATION = "# update, then:\ncd ~/code && git pull --ff-only\necho 'quotes \" and $HOME stay'\n"
+REMEDIATION_UNKNOWN = "# push it, or:\ngit -C ~/code checkout main\n"
 NOT_IN_ANY_REPO = "0123456789abcdef" * 2 + "01234567"
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "Test",
@@ -75,6 +76,7 @@ def config(repo: Path | None, **overrides: Any) -> GateConfig:
         "refresh_seconds": 3600.0,
         "git_timeout_seconds": 5.0,
         "remediation": REMEDIATION,
+        "remediation_unknown": REMEDIATION_UNKNOWN,
     }
     return GateConfig(**(values | overrides))
 
@@ -324,7 +326,7 @@ def test_stale_and_unknown_commits_are_told_apart_with_contract_fields(tmp_path:
                 "your_commit": candidate,
                 "head_commit": head,
                 "window": 3,
-                "remediation": REMEDIATION,
+                "remediation": REMEDIATION_UNKNOWN,
             }
 
     run_with_gate(config(repo, window=3), scenario, min_forced_refresh_seconds=0)
