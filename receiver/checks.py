@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 from episode_common.config_loading import ConfigError
 from receiver.config import ReceiverConfig, ensure_data_dir
+from receiver.git_errors import describe
+
+
+def _git_env() -> dict[str, str]:
+    # English messages, as the gate gets: the fix for "dubious ownership" is found by its text.
+    return {**os.environ, "LC_ALL": "C"}
 
 
 def check_gate_repo(config: ReceiverConfig) -> str | None:
@@ -30,6 +37,7 @@ def check_gate_repo(config: ReceiverConfig) -> str | None:
             capture_output=True,
             timeout=gate.git_timeout_seconds,
             check=False,
+            env=_git_env(),
         )
     except FileNotFoundError:
         return f"{where}: git is not installed"
@@ -40,9 +48,12 @@ def check_gate_repo(config: ReceiverConfig) -> str | None:
             ["git", "-C", str(gate.repo_path), "rev-parse", "--git-dir"],
             capture_output=True,
             check=False,
+            env=_git_env(),
         )
         if inside.returncode != 0:
-            return f"{where}: {gate.repo_path} is not a git repository"
+            # git's own reason: "not a git repository", "dubious ownership", a broken .git...
+            reason = describe(inside.stderr.decode(errors="replace"))
+            return f"{where}: {gate.repo_path}: {reason}"
         return (
             f"{config.source}: version_gate.ref: {gate.ref!r} does not name a commit "
             f"in {gate.repo_path}"

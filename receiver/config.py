@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shlex
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -33,11 +34,27 @@ NonNegativeInt = Annotated[int, Meta(ge=0)]
 PositiveSeconds = Annotated[float, Meta(gt=0)]
 HeaderName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")]
 
-DEFAULT_REMEDIATION = """\
-# This host's code is too old (or not on the maintainer's branch) for its episodes
-# to be accepted. Update the code, then re-queue the refused episodes:
-cd /path/to/your/checkout && git pull --ff-only
-episode-shipper retry --config /etc/episode-ingest/shipper.toml
+# The built-in answers, for a config that does not set its own. They cannot know where a
+# lab's hosts keep their code, so they read it from EPISODE_CODE_DIR and stop with a message
+# when that is unset, rather than run git somewhere else (`git -C ""` is the current
+# directory); `&&` keeps a failed step from running the next. Labs should set their own.
+_CODE_DIR = '"${EPISODE_CODE_DIR:?set EPISODE_CODE_DIR to the checkout of the lab code}"'
+DEFAULT_REMEDIATION = f"""\
+# This host's code is too old (or it sent no commit) for its episodes to be
+# accepted. Update this host's checkout of the lab code, then re-queue the
+# refused episodes:
+git -C {_CODE_DIR} pull --ff-only &&
+  episode-shipper retry --config /etc/episode-ingest/shipper.toml
+"""
+DEFAULT_REMEDIATION_UNKNOWN = f"""\
+# This host's commit is not on the branch the receiver tracks (not pushed yet,
+# made on another branch, or history was rewritten): updating alone does not help.
+# If the commit belongs on that branch, push it from this host's checkout instead:
+#   git -C "$EPISODE_CODE_DIR" push origin HEAD:main
+# Otherwise put this host back on the tracked branch (main), then re-queue:
+git -C {_CODE_DIR} checkout main &&
+  git -C "$EPISODE_CODE_DIR" pull --ff-only &&
+  episode-shipper retry --config /etc/episode-ingest/shipper.toml
 """
 
 
@@ -80,7 +97,10 @@ class GateConfig(Struct, frozen=True, forbid_unknown_fields=True):
     refresh_seconds: PositiveSeconds = 30.0
     git_timeout_seconds: PositiveSeconds = 10.0
     header: HeaderName = "X-Code-Commit"
+    # Answer to stale-commit and to a missing or malformed commit header.
     remediation: str = DEFAULT_REMEDIATION
+    # Answer to unknown-commit: pulling does not help there.
+    remediation_unknown: str = DEFAULT_REMEDIATION_UNKNOWN
 
 
 class AuthConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -191,7 +211,29 @@ def dev_config(project_root: Path, port: int | None = None) -> ReceiverConfig:
     data = tomllib.loads(DEV_CONFIG_TOML)
     if port is not None:
         data["server"]["port"] = port
-    return from_mapping(data, "<built-in development config>", project_root)
+    config = from_mapping(data, "<built-in development config>", project_root)
+    return msgspec.structs.replace(config, version_gate=_dev_remediation(config.version_gate))
+
+
+def _dev_remediation(gate: GateConfig) -> GateConfig:
+    """Texts naming the checkout this development receiver serves: the code is right here."""
+    repo, ref = shlex.quote(str(gate.repo_path)), shlex.quote(gate.ref)
+    remediation = f"""\
+# Refused by the development receiver, which accepts only the last {gate.window}
+# commits of {gate.ref} in the checkout it serves, {gate.repo_path}.
+# Make the episode again with the current code; this is the commit to put in
+# meta.json and in the {gate.header} header:
+git -C {repo} rev-parse {ref}
+"""
+    unknown = f"""\
+# Refused by the development receiver: this commit is not in the history of
+# {gate.ref} in the checkout it serves, {gate.repo_path}
+# (uncommitted there, on another branch, or rewritten). Commit or check out the
+# code there, then use the commit this prints:
+git -C {repo} status --short --branch
+git -C {repo} rev-parse {ref}
+"""
+    return msgspec.structs.replace(gate, remediation=remediation, remediation_unknown=unknown)
 
 
 def ensure_data_dir(config: ReceiverConfig) -> None:

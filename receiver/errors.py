@@ -51,6 +51,12 @@ class DigestMismatch(IngestError):
     code = "digest-mismatch"
 
 
+class InvalidDigest(IngestError):
+    """Content-Digest cannot be parsed; unlike a mismatch, re-hashing will not fix it."""
+
+    code = "invalid-digest"
+
+
 class InvalidTarball(IngestError):
     code = "invalid-tarball"
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from receiver.config import GateConfig
 from receiver.errors import GateNotReady, MalformedCommit, MissingCommit, StaleCommit, UnknownCommit
+from receiver.git_errors import describe
 from receiver.ids import normalise_commit
 
 logger = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ class VersionGate:
         ref, window = self._config.ref, self._config.window
         fields: dict[str, object] = {"your_commit": commit, "head_commit": head, "window": window}
         if behind_by is None:
-            fields["remediation"] = self._config.remediation
+            fields["remediation"] = self._config.remediation_unknown
             detail = f"commit is not reachable from {ref} (unpushed, another branch, rewritten)"
             return UnknownCommit(detail, fields=fields)
         fields |= {"behind_by": behind_by, "remediation": self._config.remediation}
@@ -278,7 +279,7 @@ class VersionGate:
         commit, head = key
         try:
             behind_by: int | None = None
-            code, _, _ = await self._run_git(("merge-base", "--is-ancestor", commit, head))
+            code, _, err = await self._run_git(("merge-base", "--is-ancestor", commit, head))
             if code == 0:
                 behind_by = int(await self._git("rev-list", "--count", f"{commit}..{head}", "--"))
             elif code != 1:
@@ -288,7 +289,7 @@ class VersionGate:
                     ("rev-parse", "-q", "--verify", f"{commit}^{{commit}}")
                 )
                 if found != 1:
-                    raise GitError(f"git merge-base exited {code} for {commit}")
+                    raise GitError(f"git merge-base exited {code} for {commit}: {describe(err)}")
             self._classified[key] = behind_by
             while len(self._classified) > CLASSIFICATION_CACHE_SIZE:
                 self._classified.popitem(last=False)
@@ -301,7 +302,7 @@ class VersionGate:
     async def _git(self, *args: str) -> str:
         code, out, err = await self._run_git(args)
         if code != 0:
-            raise GitError(f"git {args[0]} exited {code}: {err.strip()[:200]}")
+            raise GitError(f"git {args[0]} exited {code}: {describe(err)}")
         return out
 
     async def _run_git(self, args: tuple[str, ...]) -> tuple[int, str, str]:

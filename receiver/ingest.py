@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -25,11 +24,16 @@ from typing import Any, NoReturn
 
 from receiver import failpoints
 from receiver.config import ReceiverConfig
-from receiver.digests import format_digest, parse_content_digest
+from receiver.digests import (
+    BodyDigest,
+    DeclaredDigest,
+    format_digest,
+    hash_body,
+    parse_content_digest,
+)
 from receiver.errors import (
     CommitMismatch,
     Conflict,
-    DigestMismatch,
     IngestError,
     InsufficientStorage,
     InvalidTarball,
@@ -139,7 +143,7 @@ class Ingestor:
         episode_id: str,
         commit: str | None,
         verdict: GateVerdict,
-        declared: str | None,
+        declared: DeclaredDigest | None,
         body: AsyncIterator[bytes],
         reserved: int,
         restore: IndexRow | None = None,
@@ -179,20 +183,21 @@ class Ingestor:
         episode_id: str,
         commit: str | None,
         data: bytes,
-        declared: str | None,
+        declared: DeclaredDigest | None,
         restore: IndexRow | None,
     ) -> tuple[IndexRow | None, str]:
         """In a worker thread: a whole small body checked, then from temp file to index row.
 
         The checks come first, so a rejected small body never touches the disk.
         """
-        sha256 = hashlib.sha256(data).hexdigest()
+        digest = hash_body(data, declared)
+        sha256 = digest.sha256
         summary = None
         if self.config.storage.validate != "none":
             validator = StreamValidator(self.config.storage)
             validator.feed(data)
             summary = validator.finish()
-        recorded = self._checked(commit, declared, sha256, summary, restore)
+        recorded = self._checked(commit, declared, digest, summary, restore)
         blob = self.store.create_temp(host_id, episode_id, commit)
         try:
             write_all(blob.fd, [data])
@@ -213,7 +218,7 @@ class Ingestor:
         host_id: str,
         episode_id: str,
         commit: str | None,
-        declared: str | None,
+        declared: DeclaredDigest | None,
         body: AsyncIterator[bytes],
         reserved: int,
         restore: IndexRow | None,
@@ -229,7 +234,7 @@ class Ingestor:
             # Bytes already written are gone from statvfs; only others' reservations count.
             self.admission.check_space(self.store.free_bytes(), 0, mine=reserved)
 
-        sink = BodySink(blob.fd, validator, storage.max_upload_bytes, space_check)
+        sink = BodySink(blob.fd, validator, storage.max_upload_bytes, space_check, declared)
         try:
             try:
                 async for chunk in body:
@@ -243,7 +248,7 @@ class Ingestor:
                 if no_space is None:
                     raise
                 raise no_space from error
-            recorded = self._checked(commit, declared, sha256, summary, restore)
+            recorded = self._checked(commit, declared, sink.digest(), summary, restore)
         except BaseException:
             await sink.abort()
             await asyncio.to_thread(self.store.discard, blob)
@@ -257,16 +262,16 @@ class Ingestor:
     def _checked(
         self,
         header_commit: str | None,
-        declared: str | None,
-        sha256: str,
+        declared: DeclaredDigest | None,
+        digest: BodyDigest,
         summary: TarSummary | None,
         restore: IndexRow | None,
     ) -> str | None:
         """The checks on a complete body; returns the commit to record."""
-        if declared is not None and declared != sha256:
-            raise DigestMismatch(f"Content-Digest says sha-256 {declared}, the body has {sha256}")
+        if declared is not None:
+            declared.check(digest)
         recorded = self._reconcile_commit(header_commit, summary)
-        if restore is not None and sha256 != restore.sha256:
+        if restore is not None and digest.sha256 != restore.sha256:
             raise Conflict(
                 "this id is indexed with different content; nothing was stored",
                 fields={"stored_sha256": restore.sha256},
@@ -372,11 +377,11 @@ class Ingestor:
         return await asyncio.to_thread(self.store.exists, host_id, episode_id)
 
     async def _answer_stored(
-        self, stored: IndexRow, declared: str | None, body: AsyncIterator[bytes]
+        self, stored: IndexRow, declared: DeclaredDigest | None, body: AsyncIterator[bytes]
     ) -> Reply:
-        if declared is not None:
-            return self._by_content(stored, declared)
-        sink = BodySink(None, None, self.config.storage.max_upload_bytes)
+        if declared is not None and declared.sha256 is not None:
+            return self._by_content(stored, declared.sha256)
+        sink = BodySink(None, None, self.config.storage.max_upload_bytes, declared=declared)
         try:
             async for chunk in body:
                 await sink.write(chunk)
@@ -384,6 +389,8 @@ class Ingestor:
         except BaseException:
             await sink.abort()
             raise
+        if declared is not None:
+            declared.check(sink.digest())  # only a sha-512 was declared: it must match too
         return self._by_content(stored, sha256)
 
     @staticmethod

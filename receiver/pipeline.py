@@ -9,11 +9,11 @@ upload. The tar validator gets the same chunks in its own thread.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 from collections.abc import Callable
 
 from episode_common.durable import start_writeback
+from receiver.digests import BodyDigest, BodyHasher, DeclaredDigest
 from receiver.errors import TooLarge
 from receiver.tarcheck import StreamValidator, TarSummary
 
@@ -24,7 +24,10 @@ _IOV_MAX = 1024
 
 
 class BodySink:
-    """Consumes one upload body: size cap, sha256, validation and the bytes on disk."""
+    """Consumes one upload body: size cap, digests, validation and the bytes on disk.
+
+    sha-256 is always computed; sha-512 too when `declared` carries one.
+    """
 
     def __init__(
         self,
@@ -32,12 +35,13 @@ class BodySink:
         validator: StreamValidator | None,
         max_bytes: int,
         free_space_check: Callable[[], None] | None = None,
+        declared: DeclaredDigest | None = None,
     ) -> None:
         self._fd = fd
         self._validator = validator
         self._max_bytes = max_bytes
         self._free_space_check = free_space_check
-        self._sha = hashlib.sha256()
+        self._hasher = BodyHasher(declared)
         self._batch: list[bytes] = []
         self._batch_bytes = 0
         self._pending: asyncio.Future[None] | None = None
@@ -75,7 +79,7 @@ class BodySink:
             for start in range(0, len(batch), _IOV_MAX):
                 write_all(self._fd, batch[start : start + _IOV_MAX])
         for chunk in batch:
-            self._sha.update(chunk)
+            self._hasher.update(chunk)
         validator = self._validator
         if validator is not None and validator.failed is None:
             for chunk in batch:
@@ -98,7 +102,11 @@ class BodySink:
         if self._validator is not None:
             loop = asyncio.get_running_loop()
             summary = await loop.run_in_executor(None, self._validator.finish)
-        return self._sha.hexdigest(), summary
+        return self._hasher.digest().sha256, summary
+
+    def digest(self) -> BodyDigest:
+        """Every digest of the body; complete once finish() has returned."""
+        return self._hasher.digest()
 
     async def abort(self) -> None:
         """Stop the thread work of a failed upload (the caller removes the temp file)."""

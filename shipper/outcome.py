@@ -138,6 +138,8 @@ def classify_put(reply: Reply, local_sha256: str) -> Outcome:
         return Outcome(
             Verdict.STALE, _reason(reply, body), code, _text(body, "remediation"), retry_after
         )
+    # Only a mismatch is worth a re-hash; `invalid-digest` (a header the receiver cannot
+    # parse) would be sent the same way again, so it is fatal like the other 400s.
     if reply.status == 400 and code == "digest-mismatch":
         return Outcome(Verdict.DIGEST_MISMATCH, _reason(reply, body), code)
     if reply.status in _FATAL:

@@ -59,6 +59,17 @@ def head_commits(repo: Path, count: int) -> list[str]:
     return git(repo, "log", "--format=%H", "-n", str(count)).split()
 
 
+ANOTHER_UID = 12345
+
+
+def give_to_another_user(path: Path, uid: int = ANOTHER_UID) -> None:
+    """chown a tree to a uid nobody here runs as: git then refuses it, even for root."""
+    os.chown(path, uid, uid)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), uid, uid, follow_symlinks=False)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -44,6 +44,11 @@ def test_dev_config_starts_a_receiver_that_answers_healthz(tmp_path: Path) -> No
         assert body["status"] == "ok"
         assert (checkout / "var").is_dir()
         assert url in (tmp_path / "run.log").read_text()
+        # The refusal names the checkout being served, not a placeholder.
+        unknown = httpx.get(f"{url}/gate/{'0' * 40}", timeout=10)
+        assert (unknown.status_code, unknown.json()["error"]) == (412, "unknown-commit")
+        assert f"git -C {checkout.resolve()} " in unknown.json()["remediation"]
+        assert "/path/to" not in unknown.json()["remediation"]
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0

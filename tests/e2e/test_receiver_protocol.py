@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -141,7 +142,8 @@ def test_400_missing_and_malformed_commit_carry_the_remediation(
 def test_412_stale_and_unknown_commits(
     tmp_path: Path, repo: Path, start_receiver: StartReceiver
 ) -> None:
-    receiver = start_receiver(repo, version_gate={"window": 2})
+    texts = {"remediation": "git -C /opt/x pull\n", "remediation_unknown": "git -C /opt/x push\n"}
+    receiver = start_receiver(repo, version_gate={"window": 2, **texts})
     oldest = head_commits(repo, 3)[-1]  # behind_by 2: just outside a window of 2
     stale = put(receiver.url, "/episodes/h/e", make_tarball(oldest), oldest)
     assert stale.status_code == 412
@@ -151,7 +153,7 @@ def test_412_stale_and_unknown_commits(
     assert body["head_commit"] == head_commits(repo, 1)[0]
     assert body["window"] == 2
     assert body["behind_by"] == 2
-    assert "remediation" in body
+    assert body["remediation"] == texts["remediation"]
 
     git(repo, "checkout", "-q", "-b", "side")
     side = add_commit(repo, "unpushed")
@@ -159,7 +161,9 @@ def test_412_stale_and_unknown_commits(
     unknown = put(receiver.url, "/episodes/h/e", make_tarball(side), side)
     assert unknown.status_code == 412
     assert unknown.json()["error"] == "unknown-commit"
-    assert "remediation" in unknown.json()
+    assert unknown.json()["remediation"] == texts["remediation_unknown"]
+    gate = httpx.get(f"{receiver.url}/gate/{side}")
+    assert (gate.status_code, gate.json()["remediation"]) == (412, texts["remediation_unknown"])
     assert stored_files(tmp_path / "data") == []
 
 
@@ -194,7 +198,7 @@ def test_400_bad_body_rows(tmp_path: Path, repo: Path, start_receiver: StartRece
     good = make_tarball(head)
     cases = [
         ("digest-mismatch", good, head, {"Content-Digest": digest_header(b"other")}),
-        ("digest-mismatch", good, head, {"Content-Digest": "sha-256=:nope:"}),
+        ("invalid-digest", good, head, {"Content-Digest": "sha-256=:nope:"}),
         ("invalid-tarball", b"this is not zstd at all", head, {}),
         ("invalid-tarball", good[: len(good) // 2], head, {}),
         ("invalid-tarball", make_tarball(None), head, {}),
@@ -209,6 +213,51 @@ def test_400_bad_body_rows(tmp_path: Path, repo: Path, start_receiver: StartRece
     assert stored_files(data) == [] and index_rows(data) == [] and temp_files(data) == []
     ok = put(receiver.url, "/episodes/h/e", good, head, **{"Content-Digest": digest_header(good)})
     assert ok.status_code == 201
+
+
+def sha512_header(body: bytes) -> str:
+    return "sha-512=:" + base64.b64encode(hashlib.sha512(body).digest()).decode() + ":"
+
+
+def test_content_digest_is_a_structured_field_dictionary(
+    tmp_path: Path, repo: Path, start_receiver: StartReceiver
+) -> None:
+    receiver = start_receiver(repo)
+    head = head_commits(repo, 1)[0]
+    data = tmp_path / "data"
+
+    def send(path: str, body: bytes, digest: str) -> httpx.Response:
+        return put(receiver.url, path, body, head, **{"Content-Digest": digest})
+
+    # Small bodies are hashed in one piece, large ones while streaming: both paths.
+    small = make_tarball(head)
+    large = make_tarball(head, {"data/big.bin": os.urandom(3 * 1024 * 1024)})
+    for name, body in (("small", small), ("large", large)):
+        refused = [
+            ("invalid-digest", "sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=", "ending"),
+            ("invalid-digest", "sha-256=:AAAA:", "sha-256 is 3 bytes"),
+            ("digest-mismatch", f"{digest_header(body)}, {sha512_header(b'x')}", "says sha-512"),
+        ]
+        for code, value, detail in refused:
+            response = send(f"/episodes/h/{name}", body, value)
+            assert response.status_code == 400, response.text
+            assert response.json()["error"] == code
+            assert detail in response.json()["detail"]
+            assert stored_files(data) == [] and index_rows(data) == [] and temp_files(data) == []
+
+    with_params = f"{digest_header(small)};foo=1, md5=:AAAA:"
+    response = send("/episodes/h/ep-1", small, with_params)
+    assert response.status_code == 201, response.text
+    both = f"{digest_header(large)}, {sha512_header(large)};x=?0"
+    response = send("/episodes/h/ep-2", large, both)
+    assert response.status_code == 201, response.text
+    assert stored_files(data) == ["h/ep-1.tar.zst", "h/ep-2.tar.zst"]
+
+    # Already stored, only a sha-512 declared: the body is hashed and that digest checked too.
+    retry = send("/episodes/h/ep-1", small, sha512_header(small))
+    assert retry.status_code == 200, retry.text
+    wrong = send("/episodes/h/ep-1", small, sha512_header(b"x"))
+    assert (wrong.status_code, wrong.json()["error"]) == (400, "digest-mismatch")
 
 
 def test_400_invalid_ids_touch_nothing(

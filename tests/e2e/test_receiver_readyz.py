@@ -1,4 +1,4 @@
-"""GET /readyz: 503 with the reason until this receiver can store an episode; /healthz is liveness."""
+"""GET /readyz: 503 with the reason until this receiver can store an episode (not liveness)."""
 
 from __future__ import annotations
 

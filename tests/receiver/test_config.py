@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +13,16 @@ from pathlib import Path
 import pytest
 
 from episode_common.config_loading import ConfigError
-from receiver.config import GiB, dev_config, ensure_data_dir, load_config
+from receiver.config import (
+    DEFAULT_REMEDIATION,
+    DEFAULT_REMEDIATION_UNKNOWN,
+    GiB,
+    dev_config,
+    ensure_data_dir,
+    load_config,
+)
 from shipper.config import load_config as load_shipper_config
-from tests.support import PROJECT_ROOT
+from tests.support import PROJECT_ROOT, add_commit, git, give_to_another_user, head_commits
 
 MINIMAL = '[storage]\ndata_dir = "data"\n[version_gate]\nrepo_path = "repo"\n'
 
@@ -27,6 +38,7 @@ def test_example_configs_load_with_every_key() -> None:
     assert receiver.storage.data_dir == Path("/var/lib/episode-ingest")
     assert receiver.version_gate.header == "X-Code-Commit"
     assert receiver.version_gate.remediation.startswith("# This host's code is too old")
+    assert receiver.version_gate.remediation_unknown.startswith("# This host's commit is not on")
     shipper = load_shipper_config(PROJECT_ROOT / "etc" / "shipper.toml.example")
     assert shipper.host_id == "lab-07"
     assert shipper.receiver_url == "http://ingest.lab.example:8080"
@@ -116,6 +128,92 @@ def test_data_dir_that_cannot_be_created(tmp_path: Path) -> None:
         ensure_data_dir(load_config(path))
 
 
+def run_shell(text: str, code_dir: Path | None, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run a remediation text as a lab host's shell would, with a stand-in episode-shipper."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    shim = bin_dir / "episode-shipper"
+    shim.write_text(f'#!/bin/sh\necho "$*" >> "{tmp_path / "shipper-calls"}"\n')
+    shim.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "EPISODE_CODE_DIR"}
+    env |= {"PATH": f"{bin_dir}:{env['PATH']}", "GIT_CONFIG_GLOBAL": os.devnull}
+    if code_dir is not None:
+        env["EPISODE_CODE_DIR"] = str(code_dir)
+    return subprocess.run(
+        ["bash", "-c", text], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30
+    )
+
+
+def shipper_calls(tmp_path: Path) -> list[str]:
+    calls = tmp_path / "shipper-calls"
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+def lab_checkout(tmp_path: Path, origin: Path) -> Path:
+    """A lab host's clone of the lab code, one commit behind the maintainer's branch."""
+    clone = tmp_path / "lab-code"
+    subprocess.run(["git", "clone", "-q", str(origin), str(clone)], check=True)
+    git(clone, "reset", "-q", "--hard", "HEAD~1")
+    return clone
+
+
+RETRY = "retry --config /etc/episode-ingest/shipper.toml"
+
+
+def test_default_remediation_updates_the_lab_checkout_and_requeues(
+    tmp_path: Path, repo: Path
+) -> None:
+    clone = lab_checkout(tmp_path, repo)
+    behind = git(clone, "rev-parse", "HEAD")
+    unset = run_shell(DEFAULT_REMEDIATION, None, tmp_path)
+    assert unset.returncode != 0 and "set EPISODE_CODE_DIR" in unset.stderr
+    assert git(clone, "rev-parse", "HEAD") == behind and shipper_calls(tmp_path) == []
+
+    result = run_shell(DEFAULT_REMEDIATION, clone, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert git(clone, "rev-parse", "HEAD") == head_commits(repo, 1)[0]
+    assert shipper_calls(tmp_path) == [RETRY]
+
+
+def test_default_unknown_remediation_puts_the_host_back_on_the_tracked_branch(
+    tmp_path: Path, repo: Path
+) -> None:
+    clone = lab_checkout(tmp_path, repo)
+    git(clone, "checkout", "-q", "-b", "experiment")
+    add_commit(clone, "never pushed")
+    unset = run_shell(DEFAULT_REMEDIATION_UNKNOWN, None, tmp_path)
+    assert unset.returncode != 0 and shipper_calls(tmp_path) == []
+    assert git(clone, "rev-parse", "--abbrev-ref", "HEAD") == "experiment"
+
+    result = run_shell(DEFAULT_REMEDIATION_UNKNOWN, clone, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert git(clone, "rev-parse", "--abbrev-ref", "HEAD") == "main"
+    assert git(clone, "rev-parse", "HEAD") == head_commits(repo, 1)[0]
+    assert shipper_calls(tmp_path) == [RETRY]
+    assert 'git -C "$EPISODE_CODE_DIR" push origin HEAD:main' in DEFAULT_REMEDIATION_UNKNOWN
+
+
+def test_example_texts_are_the_defaults_for_the_example_labs_checkout() -> None:
+    gate = load_config(PROJECT_ROOT / "etc" / "receiver.toml.example").version_gate
+    code_dir = re.compile(r'"\$(\{EPISODE_CODE_DIR:\?[^}]*\}|EPISODE_CODE_DIR)"')
+    assert gate.remediation == code_dir.sub("/opt/lab-code", DEFAULT_REMEDIATION)
+    assert gate.remediation_unknown == code_dir.sub("/opt/lab-code", DEFAULT_REMEDIATION_UNKNOWN)
+    for text in (gate.remediation, gate.remediation_unknown):
+        assert "EPISODE_CODE_DIR" not in text and "/path/to" not in text
+
+
+def test_dev_remediation_names_the_served_checkout_and_runs(tmp_path: Path, repo: Path) -> None:
+    gate = dev_config(repo).version_gate
+    head = head_commits(repo, 1)[0]
+    for text in (gate.remediation, gate.remediation_unknown):
+        assert f"git -C {repo} " in text
+        assert "/path/to" not in text and "EPISODE_CODE_DIR" not in text
+        result = run_shell(text, None, tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[-1] == head
+    assert "last 50" in gate.remediation and "not in the history" in gate.remediation_unknown
+
+
 def test_dev_config_points_at_the_checkout_and_var(tmp_path: Path) -> None:
     config = dev_config(tmp_path, port=9999)
     assert config.server.host == "127.0.0.1"
@@ -125,10 +223,44 @@ def test_dev_config_points_at_the_checkout_and_var(tmp_path: Path) -> None:
     assert config.auth.mode == "none"
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "receiver", *args], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "receiver", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
     )
+
+
+def test_check_config_names_dubious_ownership_and_the_command_that_fixes_it(
+    tmp_path: Path, repo: Path
+) -> None:
+    checkout = (tmp_path / "lab checkout").resolve()
+    shutil.copytree(repo, checkout)
+    give_to_another_user(checkout)
+    # No user config (a safe.directory = * there would hide the refusal); a system config of
+    # our own, so the printed command can be run without touching /etc/gitconfig.
+    system_config = tmp_path / "gitconfig-system"
+    system_config.touch()
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_SYSTEM": str(system_config)}
+    # The premise: git itself refuses a checkout of another user, root included.
+    direct = subprocess.run(
+        ["git", "-C", str(checkout), "rev-parse", "--git-dir"], env=env, capture_output=True
+    )
+    assert direct.returncode == 128 and b"dubious ownership" in direct.stderr
+
+    path = write(tmp_path, MINIMAL.replace('"repo"', f'"{checkout}"'))
+    result = run_cli("check-config", "--config", str(path), env=env)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "is not a git repository" not in line
+    assert f"fatal: detected dubious ownership in repository at '{checkout}'" in line
+    fix = f"git config --system --add safe.directory '{checkout}'"
+    assert line.endswith(fix)
+
+    subprocess.run(shlex.split(fix), env=env, check=True)
+    assert run_cli("check-config", "--config", str(path), env=env).returncode == 0
 
 
 def test_cli_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:

@@ -24,9 +24,11 @@ from receiver.errors import (
     UnknownCommit,
 )
 from receiver.gate import VersionGate, warning_threshold
+from tests.support import give_to_another_user
 
 REAL_GIT = shutil.which("git") or "git"
 REMEDIATION = "# update, then:\ncd ~/code && git pull --ff-only\necho 'quotes \" and $HOME stay'\n"
+REMEDIATION_UNKNOWN = "# push it, or:\ngit -C ~/code checkout main\n"
 NOT_IN_ANY_REPO = "0123456789abcdef" * 2 + "01234567"
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "Test",
@@ -74,6 +76,7 @@ def config(repo: Path | None, **overrides: Any) -> GateConfig:
         "refresh_seconds": 3600.0,
         "git_timeout_seconds": 5.0,
         "remediation": REMEDIATION,
+        "remediation_unknown": REMEDIATION_UNKNOWN,
     }
     return GateConfig(**(values | overrides))
 
@@ -323,7 +326,7 @@ def test_stale_and_unknown_commits_are_told_apart_with_contract_fields(tmp_path:
                 "your_commit": candidate,
                 "head_commit": head,
                 "window": 3,
-                "remediation": REMEDIATION,
+                "remediation": REMEDIATION_UNKNOWN,
             }
 
     run_with_gate(config(repo, window=3), scenario, min_forced_refresh_seconds=0)
@@ -381,6 +384,31 @@ def test_failing_git_keeps_window_counts_and_logs_once_per_streak(
         assert warnings() == 2  # a new streak, logged once more
 
     run_with_gate(config(repo, refresh_seconds=0.02), scenario, min_forced_refresh_seconds=0)
+
+
+def test_a_checkout_of_another_user_is_reported_with_gits_line_in_full_and_the_fix(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A path long enough that the old 200-character cut of git's stderr fell inside it.
+    repo = tmp_path / ("checkout-of-the-lab-" * 8) / "repo"
+    repo.parent.mkdir()
+    make_repo(repo, 2)
+    give_to_another_user(repo)
+    caplog.set_level(logging.WARNING, logger="receiver.gate")
+    path = str(repo.resolve())
+    line = f"fatal: detected dubious ownership in repository at '{path}'"
+    fix = f"run as root: git config --system --add safe.directory {path}"
+
+    async def scenario(gate: VersionGate) -> None:
+        assert isinstance(await raises(gate.check(NOT_IN_ANY_REPO)), GateNotReady)
+        last_error = str(gate.state()["last_error"])
+        assert line in last_error and last_error.endswith(fix)
+        assert "--global" not in last_error  # git's own advice does not fit a service user
+
+    run_with_gate(config(repo), scenario, min_forced_refresh_seconds=0)
+    logged = [r.getMessage() for r in caplog.records if "refresh failed" in r.getMessage()]
+    assert len(logged) == 1
+    assert line in logged[0] and logged[0].endswith(fix)
 
 
 def test_garbage_from_git_log_is_a_failed_refresh(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from receiver.digests import BodyDigest, DeclaredDigest
 from receiver.errors import TooLarge
 from receiver.pipeline import BATCH_BYTES, BodySink
 
@@ -139,3 +140,19 @@ def test_without_a_file_descriptor_the_sink_only_hashes() -> None:
     assert sha == hashlib.sha256(data).hexdigest()
     assert sink.size == len(data)
     assert sink.validation_failed() is None
+
+
+@pytest.mark.parametrize("declared", [None, DeclaredDigest(sha256="0" * 64)])
+def test_sha512_is_not_computed_unless_declared(declared: DeclaredDigest | None) -> None:
+    data = sample(1000)
+    sink = BodySink(None, None, max_bytes=len(data), declared=declared)
+    asyncio.run(drain(sink, [data]))
+    assert sink.digest() == BodyDigest(hashlib.sha256(data).hexdigest(), None)
+
+
+def test_a_declared_sha512_is_computed_in_the_same_pass_over_every_batch() -> None:
+    data = sample(2 * BATCH_BYTES + 12_345)
+    sink = BodySink(None, None, max_bytes=len(data), declared=DeclaredDigest(sha512="0" * 128))
+    sha = asyncio.run(drain(sink, chunked(data, ODD_SIZES)))
+    assert sha == hashlib.sha256(data).hexdigest()
+    assert sink.digest() == BodyDigest(sha, hashlib.sha512(data).hexdigest())

@@ -189,6 +189,18 @@ def test_digest_mismatch_becomes_fatal_after_the_configured_retries(tmp_path: Pa
     assert len(receiver.puts()) == 3
 
 
+def test_invalid_digest_is_fatal_at_once_without_a_rehash(tmp_path: Path) -> None:
+    receiver = FakeReceiver()
+    invalid = httpx.Response(400, json={"error": "invalid-digest", "detail": "not a dictionary"})
+    receiver.script = [httpx.Response(404), invalid, httpx.Response(404), invalid]
+    config = make_config(tmp_path)
+    write_episode(config.spool_dir, "ep-1")
+    result = ship_once(config, receiver)
+    assert result.episodes["ep-1"].state is State.FATAL
+    assert "invalid-digest" in str(result.episodes["ep-1"].last_error)
+    assert len(receiver.puts()) == 1
+
+
 def test_a_receiver_that_is_down_is_probed_once_not_hammered(tmp_path: Path) -> None:
     calls: list[str] = []
 

@@ -94,6 +94,7 @@ def test_put_400_digest_mismatch_asks_for_a_rehash() -> None:
     ("status", "code"),
     [
         (400, "invalid-tarball"),
+        (400, "invalid-digest"),
         (400, "commit-mismatch"),
         (400, "malformed-commit"),
         (401, "unauthorized"),
