@@ -79,8 +79,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as error:
         fail(PROG, str(error))
     setup_logging("INFO")
-    # httpx logs every request at INFO; our own lines already say what happened.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # httpx logs every request, watchfiles every batch of file events ("N changes
+    # detected", several a second while a producer writes): our own lines already
+    # say what happened, one per episode event.
+    for noisy in ("httpx", "watchfiles"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "status":
         sys.exit(_status(config, as_json=args.json))
     if args.command == "retry":

@@ -6,6 +6,7 @@ import fcntl
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from shipper.config import load_config
 from shipper.queue import Queue
 from shipper.states import State
 from tests.shipper.conftest import OLD, REMEDIATION, write_episode
+from tests.shipper.processes import ShipperProcess, wait_for
 from tests.support import PROJECT_ROOT, free_port
 
 
@@ -210,3 +212,21 @@ def test_python_dash_m_shipper_is_the_cli() -> None:
         check=False,
     )
     assert result.returncode == 0 and result.stdout.startswith("episode-shipper ")
+
+
+
+def test_the_file_watchers_chatter_is_kept_out_of_the_daemons_log(tmp_path: Path) -> None:
+    # watchfiles logs "N changes detected" at INFO for every batch of file events.
+    shipper = ShipperProcess(write_config(tmp_path, rescan_seconds=60)).start()
+    try:
+        wait_for(lambda: "run: host lab-01" in shipper.log(), 10, "the daemon to start")
+        producing = tmp_path / "spool" / "ep-1"
+        producing.mkdir()
+        for n in range(8):
+            (producing / f"frame-{n}.bin").write_bytes(b"x" * 1000)
+            time.sleep(0.1)
+        time.sleep(0.6)  # watchfiles' debounce is 400 ms
+    finally:
+        assert shipper.stop() == 0
+    assert "watching" not in shipper.log()  # the watcher ran (it did not fail)
+    assert "changes detected" not in shipper.log() and "change detected" not in shipper.log()
