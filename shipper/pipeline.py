@@ -94,7 +94,7 @@ class Pipeline:
         except OSError as error:
             delay = self._episode_delay(episode, None)
             self.queue.retry_later(episode_id, f"packing failed: {error}", time.time() + delay)
-            log.warning("%s: packing failed (%s); next try in %.0f s", episode_id, error, delay)
+            log.warning("%s: packing failed (%s); retry in %.0f s", episode_id, error, delay)
         except PackAborted:
             self.queue.abandon(episode_id)
             log.info("%s: packing abandoned for shutdown", episode_id)
@@ -210,7 +210,7 @@ class Pipeline:
             self.queue.retry_later(episode_id, outcome.reason, next_try)
             self._save_health()
             log.warning(
-                "%s: receiver unavailable (%s); %d consecutive failure(s), next try in %.1f s",
+                "%s: receiver unavailable: %s; %d consecutive failure(s), retry in %.0f s",
                 episode_id,
                 outcome.reason,
                 self.health.failures,
@@ -248,7 +248,7 @@ class Pipeline:
         else:  # RETRY_EPISODE, or PROCEED where a final answer was due
             delay = self._episode_delay(episode, outcome.retry_after)
             self.queue.retry_later(episode_id, outcome.reason, time.time() + delay)
-            log.warning("%s: %s; next try in %.1f s", episode_id, outcome.reason, delay)
+            log.warning("%s: %s; retry in %.0f s", episode_id, outcome.reason, delay)
 
     def _stale(self, episode: Episode, outcome: Outcome) -> None:
         commit = str(episode.commit)

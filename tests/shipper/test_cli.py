@@ -214,7 +214,6 @@ def test_python_dash_m_shipper_is_the_cli() -> None:
     assert result.returncode == 0 and result.stdout.startswith("episode-shipper ")
 
 
-
 def test_the_file_watchers_chatter_is_kept_out_of_the_daemons_log(tmp_path: Path) -> None:
     # watchfiles logs "N changes detected" at INFO for every batch of file events.
     shipper = ShipperProcess(write_config(tmp_path, rescan_seconds=60)).start()

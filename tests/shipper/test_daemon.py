@@ -7,6 +7,7 @@ import base64
 import hashlib
 import io
 import logging
+import re
 import tarfile
 from pathlib import Path
 
@@ -350,3 +351,22 @@ def test_an_unexpected_error_in_an_upload_is_retried_not_left_in_flight(tmp_path
     episode = ship_once(config, receiver).episodes["ep-1"]
     assert episode.state is State.RETRY_WAIT
     assert "bug in a transport" in str(episode.last_error)
+
+
+def test_a_failed_upload_logs_what_happened_and_when_it_is_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def drop(request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        raise httpx.RemoteProtocolError("Server disconnected", request=request)
+
+    config = make_config(tmp_path, retry={"base_seconds": 30, "max_seconds": 30})
+    write_episode(config.spool_dir, "ep-1")
+    receiver = FakeReceiver(script=[httpx.Response(404), drop])
+    with caplog.at_level(logging.WARNING, logger="shipper"):
+        assert ship_once(config, receiver).counts["retry-wait"] == 1
+    (line,) = [r.getMessage() for r in caplog.records if "receiver unavailable" in r.getMessage()]
+    assert line.startswith(
+        "ep-1: receiver unavailable: connection closed by the receiver after the whole body"
+    )
+    assert re.search(r"1 consecutive failure\(s\), retry in \d+ s$", line), line
