@@ -29,7 +29,8 @@ from shipper.config import ShipperConfig, from_mapping, load_config
 from shipper.daemon import Daemon
 from shipper.progress import ClearLine, Progress
 from shipper.queue import Queue, QueueError
-from shipper.report import render_text, status_document
+from shipper.report import render_text, retry_hint_config, status_document
+from shipper.spool import normalise_commit
 from shipper.states import State, connect
 from shipper.upload import ReceiverClient
 
@@ -55,6 +56,9 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", type=Path, required=True, help="the shipper's TOML file")
         if name == "status":
             sub.add_argument("--json", action="store_true", help="print JSON")
+        if name == "retry":
+            sub.add_argument("ids", nargs="*", metavar="ID", help="only these episodes")
+            sub.add_argument("--commit", help="only the episodes refused for this commit")
     init = commands.add_parser("init", help="write a shipper config", description="Write a config.")
     init.add_argument("--host-id", required=True)
     init.add_argument("--receiver-url", required=True)
@@ -87,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "status":
         sys.exit(_status(config, as_json=args.json))
     if args.command == "retry":
-        sys.exit(_retry(config))
+        sys.exit(_retry(config, args.ids, args.commit))
     sys.exit(_ship(config, once=args.command == "once"))
 
 
@@ -165,6 +169,13 @@ def _ship(config: ShipperConfig, *, once: bool) -> int:
         counts[State.FATAL],
     )
     if counts[State.FATAL]:
+        where = retry_hint_config(config)
+        log.info(
+            "fatal episodes stay parked; see episode-shipper status --config %s, fix the cause,"
+            " then episode-shipper retry --config %s [ID...] [--commit C]",
+            where,
+            where,
+        )
         return EXIT_FATAL
     return EXIT_RETRYING if waiting else EXIT_SHIPPED
 
@@ -216,14 +227,21 @@ def _status(config: ShipperConfig, *, as_json: bool) -> int:
     return 0
 
 
-def _retry(config: ShipperConfig) -> int:
+def _retry(config: ShipperConfig, ids: list[str], commit_arg: str | None) -> int:
+    commit = None if commit_arg is None else normalise_commit(commit_arg)
+    if commit_arg is not None and commit is None:
+        fail(PROG, f"--commit {commit_arg!r}: must be 40 or 64 hex digits")
     queue = _open_queue(config)
     try:
-        count = queue.retry_fatal()
+        requeued = queue.retry_fatal(ids, commit)
+        missed = {i: queue.get(i) for i in ids if i not in requeued}
     finally:
         queue.close()
-    print(f"re-queued {count} fatal episode(s); a running shipper picks them up within seconds")
-    return 0
+    print(f"re-queued {len(requeued)} fatal episode(s); a running shipper picks them up soon")
+    for episode_id, episode in missed.items():
+        why = "not in the queue" if episode is None else f"{episode.state}, not fatal"
+        print(f"{episode_id}: not re-queued ({why})", file=sys.stderr)
+    return 1 if missed or (commit is not None and not requeued) else 0
 
 
 def _init(args: argparse.Namespace) -> int:

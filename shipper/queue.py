@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from pathlib import Path
@@ -282,17 +282,37 @@ class Queue:
         rows = self.conn.execute("SELECT * FROM refused_commits ORDER BY refused_at")
         return [Refusal(row["commit_id"], row["reason"], row["remediation"]) for row in rows]
 
-    def retry_fatal(self) -> int:
-        """Re-queue every fatal episode and forget refused commits (the operator fixed them)."""
+    def retry_fatal(self, ids: Sequence[str] = (), commit: str | None = None) -> list[str]:
+        """Re-queue fatal episodes (the operator fixed their cause); returns their ids.
+
+        With no ids and no commit: every fatal episode, and every refused commit is
+        forgotten. Otherwise only the named ones and those of `commit`, and only
+        their commits' refusals (a refusal would park them again at once).
+        """
+        marks = ", ".join("?" for _ in ids)
+        where = "state = ?"
+        params: list[object] = [State.FATAL]
+        if ids or commit is not None:
+            where += f" AND (episode_id IN ({marks or 'NULL'}) OR commit_id = ?)"
+            params += [*ids, commit]
         with self._transaction() as conn:
-            cursor = conn.execute(
+            rows = conn.execute(
+                f"SELECT episode_id, commit_id FROM episodes WHERE {where}", params
+            ).fetchall()
+            conn.execute(
                 "UPDATE episodes SET state = ?, attempts = 0, digest_retries = 0,"
                 " last_error = NULL, remediation = NULL, next_attempt_at = 0, updated_at = ?"
-                " WHERE state = ?",
-                (State.PENDING, time.time(), State.FATAL),
+                f" WHERE {where}",
+                [State.PENDING, time.time(), *params],
             )
-            conn.execute("DELETE FROM refused_commits")
-            return cursor.rowcount
+            if ids or commit is not None:
+                commits = {commit, *(row[1] for row in rows)} - {None}
+                conn.executemany(
+                    "DELETE FROM refused_commits WHERE commit_id = ?", [(c,) for c in commits]
+                )
+            else:
+                conn.execute("DELETE FROM refused_commits")
+        return [row[0] for row in rows]
 
     # --- reporting and retention ------------------------------------------------------
 

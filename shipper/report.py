@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from shipper.config import ShipperConfig
@@ -37,11 +38,17 @@ def _episode(episode: Episode) -> dict[str, Any]:
     }
 
 
+def retry_hint_config(config: ShipperConfig) -> str:
+    """The config path as `retry --config` needs it, from whatever directory it is run."""
+    return str(Path(config.source).resolve()) if config.source != "<built-in>" else config.source
+
+
 def status_document(config: ShipperConfig, queue: Queue | None) -> dict[str, Any]:
     """Everything `status --json` prints; queue is None before the first run."""
     counts = dict.fromkeys((str(state) for state in State), 0)
     document: dict[str, Any] = {
         "host_id": config.host_id,
+        "config": retry_hint_config(config),
         "receiver_url": config.receiver_url,
         "state_dir": str(config.state_dir),
         "counts": counts,
@@ -115,5 +122,9 @@ def render_text(document: dict[str, Any], now: float | None = None) -> str:
     for text, ids in remediations.items():
         lines += ["", f"Remediation from the receiver for {', '.join(ids)}:", text.rstrip("\n")]
     if counts[str(State.FATAL)]:
-        lines += ["", "Fatal episodes stay parked; after fixing the cause: episode-shipper retry"]
+        lines += [
+            "",
+            "Fatal episodes stay parked; after fixing the cause:",
+            f"  episode-shipper retry --config {document['config']} [ID...] [--commit C]",
+        ]
     return "\n".join(lines) + "\n"

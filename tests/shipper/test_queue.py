@@ -129,7 +129,7 @@ def test_retry_requeues_fatal_episodes_and_forgets_refusals(queue: Queue) -> Non
     add_prepared(queue, "ep-1", OLD)
     queue.refuse_commit(OLD, "HTTP 412 stale-commit", "git pull\n")
     queue.add("ep-2", Path("/spool/ep-2"), Kind.DIRECTORY, error="meta.json: not valid JSON")
-    assert queue.retry_fatal() == 2
+    assert len(queue.retry_fatal()) == 2
     assert queue.refusal(OLD) is None and queue.refusals() == []
     for episode_id in ("ep-1", "ep-2"):
         episode = queue.get(episode_id)
