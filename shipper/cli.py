@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ import tomli_w
 from episode_common.cli_support import fail, setup_logging
 from episode_common.config_loading import ConfigError
 from episode_common.durable import fsync_dir
-from shipper import __version__
+from shipper import __version__, lockfile
 from shipper.config import ShipperConfig, from_mapping, load_config
 from shipper.daemon import Daemon
 from shipper.progress import ClearLine, Progress
@@ -110,19 +109,12 @@ def read_token(config: ShipperConfig) -> str | None:
     return token
 
 
-def _lock_state_dir(config: ShipperConfig) -> IO[str]:
+def _lock_state_dir(config: ShipperConfig, mode: str) -> IO[str]:
     """One shipper per state_dir: a second `run`/`once` would double every upload."""
-    handle = open(config.state_dir / "shipper.lock", "a+")  # held until exit
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "?"
-        fail(PROG, f"state_dir {config.state_dir} is in use by another shipper (pid {holder})")
-    handle.truncate(0)
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
+        return lockfile.hold(config.state_dir, mode)
+    except lockfile.InUse as error:
+        fail(PROG, f"state_dir {config.state_dir} is in use by another shipper (pid {error})")
 
 
 def _open_queue(config: ShipperConfig) -> Queue:
@@ -144,7 +136,7 @@ def _ship(config: ShipperConfig, *, once: bool) -> int:
     if not config.spool_dir.is_dir():
         fail(PROG, f"{config.source}: spool_dir: {config.spool_dir} is not a directory")
     queue = _open_queue(config)
-    lock = _lock_state_dir(config)
+    lock = _lock_state_dir(config, "once" if once else "run")
     progress = None
     if once and sys.stderr.isatty():
         progress = Progress(sys.stderr)

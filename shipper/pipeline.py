@@ -69,9 +69,10 @@ class Pipeline:
             commit = episode.commit
             if commit is None:
                 commit = await asyncio.to_thread(read_commit, entry)
+            # First: an episode parked for a refused commit keeps it (status, retry --commit).
+            self.queue.set_commit(episode_id, commit)
             if self._refused(episode, commit):
                 return
-            self.queue.set_commit(episode_id, commit)
             started = time.monotonic()
             packed = await asyncio.to_thread(self._pack, entry)
             self.queue.finish_packing(episode_id, packed.path, packed.sha256, packed.size_bytes)

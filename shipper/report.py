@@ -11,8 +11,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from shipper import lockfile
 from shipper.config import ShipperConfig
 from shipper.queue import Queue
+from shipper.spool import unqueued
 from shipper.states import Episode, State
 
 
@@ -43,6 +45,13 @@ def retry_hint_config(config: ShipperConfig) -> str:
     return str(Path(config.source).resolve()) if config.source != "<built-in>" else config.source
 
 
+def _daemon(config: ShipperConfig) -> dict[str, Any]:
+    holder = lockfile.holder(config.state_dir)
+    if holder is None:
+        return {"running": False, "pid": None, "mode": None, "since": None}
+    return {"running": True, "pid": holder.pid, "mode": holder.mode, "since": _iso(holder.since)}
+
+
 def status_document(config: ShipperConfig, queue: Queue | None) -> dict[str, Any]:
     """Everything `status --json` prints; queue is None before the first run."""
     counts = dict.fromkeys((str(state) for state in State), 0)
@@ -51,11 +60,16 @@ def status_document(config: ShipperConfig, queue: Queue | None) -> dict[str, Any
         "config": retry_hint_config(config),
         "receiver_url": config.receiver_url,
         "state_dir": str(config.state_dir),
+        "daemon": _daemon(config),
+        "spool": {"finished_not_queued": 0, "settling": 0},
         "counts": counts,
         "receiver": None,
         "refused_commits": [],
         "episodes": [],
     }
+    known = set() if queue is None else set(queue.known_sources())
+    finished, settling = unqueued(config.spool_dir, known, config.settle_seconds, time.time())
+    document["spool"] = {"finished_not_queued": finished, "settling": settling}
     if queue is None:
         return document
     counts.update({str(state): n for state, n in queue.counts().items()})
@@ -81,6 +95,17 @@ def _when(iso: str | None, now: float) -> str:
     return f"{iso} ({'now' if delta <= 0 else f'in {delta:.0f} s'})"
 
 
+def _daemon_line(document: dict[str, Any]) -> str:
+    daemon = document["daemon"]
+    if daemon["running"]:
+        since = f" since {daemon['since']}" if daemon["since"] else ""
+        return f"daemon: running ({daemon['mode'] or '?'}, pid {daemon['pid'] or '?'}){since}"
+    return (
+        "daemon: not running; nothing is shipped until"
+        f" `episode-shipper run --config {document['config']}` (or its service) starts"
+    )
+
+
 def render_text(document: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     counts = document["counts"]
@@ -88,6 +113,13 @@ def render_text(document: dict[str, Any], now: float | None = None) -> str:
         f"host {document['host_id']} -> {document['receiver_url']}",
         "queue: " + ", ".join(f"{counts[str(state)]} {state}" for state in State),
     ]
+    lines.append(_daemon_line(document))
+    spool = document["spool"]
+    if spool["finished_not_queued"] or spool["settling"]:
+        lines.append(
+            f"spool: {spool['finished_not_queued']} finished entry(ies) not queued yet,"
+            f" {spool['settling']} still settling (settle_seconds)"
+        )
     receiver = document["receiver"]
     if receiver and receiver["consecutive_failures"]:
         lines.append(
@@ -97,7 +129,8 @@ def render_text(document: dict[str, Any], now: float | None = None) -> str:
         )
     episodes = document["episodes"]
     if not episodes:
-        lines.append("nothing waiting: every episode is shipped")
+        if not (spool["finished_not_queued"] or spool["settling"]):
+            lines.append("nothing waiting: every episode in the queue and the spool is shipped")
         return "\n".join(lines) + "\n"
     rows = [("EPISODE", "STATE", "ATTEMPTS", "NEXT TRY", "REASON")]
     for episode in episodes:

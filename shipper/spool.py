@@ -16,6 +16,7 @@ import re
 import stat
 import tarfile
 from collections.abc import AsyncIterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -77,6 +78,28 @@ def list_entries(spool_dir: Path) -> list[Entry]:
         if entry is not None:
             entries.append(entry)
     return entries
+
+
+def unqueued(
+    spool_dir: Path, known: AbstractSet[str], settle_seconds: float, now: float
+) -> tuple[int, int]:
+    """Spool entries not queued yet: (finished, still settling), as `status` reports them."""
+    finished = settling = 0
+    try:
+        entries = list_entries(spool_dir)
+    except OSError:
+        return 0, 0
+    for entry in entries:
+        if entry.episode_id in known:
+            continue
+        changed = last_change(entry)
+        if changed is None:
+            continue
+        if changed + settle_seconds <= now:
+            finished += 1
+        else:
+            settling += 1
+    return finished, settling
 
 
 def last_change(entry: Entry) -> float | None:

@@ -297,3 +297,42 @@ def test_the_retry_hint_names_the_config_file_in_use(
     assert f"episode-shipper retry --config {full} [ID...]" in caplog.text
     assert run_cli("status", "--config", "shipper.toml") == 0
     assert f"episode-shipper retry --config {full} [ID...]" in capsys.readouterr().out
+
+
+def test_status_says_no_daemon_runs_and_counts_finished_entries_not_queued(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, settle_seconds=0.5)
+    write_episode(tmp_path / "spool", "ep-old")
+    time.sleep(0.6)  # ep-old has settled (ctime counts, and only mtime can be backdated)
+    (tmp_path / "spool" / "ep-new").mkdir()
+    (tmp_path / "spool" / "ep-new" / "meta.json").write_text("{}")  # written just now
+    assert run_cli("status", "--config", str(path)) == 0
+    text = capsys.readouterr().out
+    assert "daemon: not running" in text and f"run --config {path.resolve()}" in text
+    assert "spool: 1 finished entry(ies) not queued yet, 1 still settling" in text
+    assert "nothing waiting" not in text
+    assert run_cli("status", "--config", str(path), "--json") == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["daemon"]["running"] is False
+    assert document["spool"] == {"finished_not_queued": 1, "settling": 1}
+
+
+def test_status_says_the_daemon_runs_with_its_pid_and_since_when(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path)
+    shipper = ShipperProcess(path).start()
+    try:
+        wait_for(lambda: "run: host lab-01" in shipper.log(), 10, "the daemon to start")
+        assert run_cli("status", "--config", str(path), "--json") == 0
+        daemon = json.loads(capsys.readouterr().out)["daemon"]
+        assert run_cli("status", "--config", str(path)) == 0
+        text = capsys.readouterr().out
+    finally:
+        assert shipper.stop() == 0
+    assert shipper.proc is not None
+    assert daemon["running"] is True and daemon["pid"] == shipper.proc.pid
+    assert daemon["mode"] == "run" and daemon["since"] is not None
+    assert f"daemon: running (run, pid {shipper.proc.pid}) since {daemon['since']}" in text
+    assert "nothing waiting: every episode in the queue and the spool is shipped" in text

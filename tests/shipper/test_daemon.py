@@ -370,3 +370,16 @@ def test_a_failed_upload_logs_what_happened_and_when_it_is_retried(
         "ep-1: receiver unavailable: connection closed by the receiver after the whole body"
     )
     assert re.search(r"1 consecutive failure\(s\), retry in \d+ s$", line), line
+
+
+def test_an_episode_parked_for_a_commit_refused_earlier_keeps_its_commit(
+    tmp_path: Path, receiver: FakeReceiver
+) -> None:
+    config = make_config(tmp_path)
+    queue = Queue.open(config.state_dir)
+    queue.refuse_commit(OLD, "HTTP 412 stale-commit", REMEDIATION)
+    queue.close()
+    write_episode(config.spool_dir, "ep-1", OLD)
+    episode = ship_once(config, receiver).episodes["ep-1"]
+    assert episode.state is State.FATAL and episode.commit == OLD
+    assert receiver.requests == []
