@@ -172,7 +172,8 @@ def create_app(config: ReceiverConfig) -> Starlette:
 
     async def episode_request(request: Request) -> Response:
         started = time.monotonic()
-        head = request.method == "HEAD"
+        # GET answers as HEAD does, with the body: why a bodiless HEAD was refused (401/403).
+        head = request.method != "PUT"
         host_id = request.path_params["host_id"]
         episode_id = request.path_params["episode_id"]
         commit_value = request.headers.get(header_name)
@@ -192,7 +193,7 @@ def create_app(config: ReceiverConfig) -> Starlette:
                 reply = await ingestor.put(host_id, episode_id, headers, body)
         except IngestError as error:
             finished(request, started, error.status_code, error.code, error.body())
-            return _error_response(error, head)
+            return _error_response(error, request.method == "HEAD")
         except ClientDisconnect:
             finished(request, started, 499, "client-disconnected", {})
             return Response(status_code=400)
@@ -200,7 +201,9 @@ def create_app(config: ReceiverConfig) -> Starlette:
         if head:
             outcome = {200: "present", 404: "absent"}.get(reply.status_code, outcome)
         finished(request, started, reply.status_code, outcome, reply.body)
-        return _render(reply, head)
+        if request.method == "GET":
+            reply.body.setdefault("status", outcome)
+        return _render(reply, request.method == "HEAD")
 
     async def invalid_episode_path(request: Request) -> Response:
         error = InvalidId("the path must be /episodes/{host_id}/{episode_id}")
@@ -265,7 +268,7 @@ def create_app(config: ReceiverConfig) -> Starlette:
         return _json(exc.status_code, {"error": code, "detail": exc.detail}, exc.headers)
 
     routes = [
-        Route("/episodes/{host_id}/{episode_id}", episode_request, methods=["PUT", "HEAD"]),
+        Route("/episodes/{host_id}/{episode_id}", episode_request, methods=["PUT", "HEAD", "GET"]),
         Route("/episodes/{rest:path}", invalid_episode_path, methods=["PUT", "HEAD"]),
         Route("/gate/{commit}", read_endpoint(gate_answer), methods=["GET"]),
         Route("/healthz", read_endpoint(healthz), methods=["GET"]),

@@ -8,7 +8,7 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class RequestEvent:
-    method: str  # "PUT" or "HEAD"
+    method: str  # "PUT", "HEAD" or "GET" (HEAD's answer with its body)
     host_id: str  # as sent (may be an invalid id; never used as a path)
     episode_id: str
     status: int

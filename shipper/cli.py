@@ -24,7 +24,7 @@ from episode_common.cli_support import fail, setup_logging
 from episode_common.config_loading import ConfigError
 from episode_common.durable import fsync_dir
 from shipper import __version__, lockfile
-from shipper.config import ShipperConfig, from_mapping, load_config
+from shipper.config import ShipperConfig, from_mapping, load_config, read_token
 from shipper.daemon import Daemon
 from shipper.progress import ClearLine, Progress
 from shipper.queue import Queue, QueueError
@@ -92,21 +92,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "retry":
         sys.exit(_retry(config, args.ids, args.commit))
     sys.exit(_ship(config, once=args.command == "once"))
-
-
-def read_token(config: ShipperConfig) -> str | None:
-    if config.token_file is None:
-        return None
-    try:
-        token = config.token_file.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as error:
-        why = getattr(error, "strerror", None) or str(error)
-        raise ConfigError(
-            config.source, "token_file", f"cannot read {config.token_file}: {why}"
-        ) from None
-    if not token:
-        raise ConfigError(config.source, "token_file", f"{config.token_file} is empty")
-    return token
 
 
 def _lock_state_dir(config: ShipperConfig, mode: str) -> IO[str]:

@@ -80,3 +80,19 @@ def from_mapping(data: dict[str, Any], source: str, base: Path) -> ShipperConfig
 def load_config(path: Path) -> ShipperConfig:
     """Load the shipper's config file (relative paths: relative to the file's directory)."""
     return from_mapping(read_toml(path), str(path), path.resolve().parent)
+
+
+def read_token(config: ShipperConfig) -> str | None:
+    """The bearer token from token_file (None without one); ConfigError when unusable."""
+    if config.token_file is None:
+        return None
+    try:
+        token = config.token_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        why = getattr(error, "strerror", None) or str(error)
+        raise ConfigError(
+            config.source, "token_file", f"cannot read {config.token_file}: {why}"
+        ) from None
+    if not token:
+        raise ConfigError(config.source, "token_file", f"{config.token_file} is empty")
+    return token

@@ -14,14 +14,16 @@ import threading
 import time
 from pathlib import Path
 
+from episode_common.config_loading import ConfigError
 from shipper.backoff import ReceiverHealth, backoff_seconds
-from shipper.config import ShipperConfig
+from shipper.config import ShipperConfig, read_token
 from shipper.outcome import (
     Outcome,
     Verdict,
     classify_gate,
     classify_head,
     classify_put,
+    classify_refusal,
     transport_failure,
 )
 from shipper.pack import PackAborted, Packed, PackError, hash_file, pack_directory
@@ -56,6 +58,7 @@ class Pipeline:
         self.stop_packing = threading.Event()
         self.progress = progress
         self.warned_commits: set[str] = set()
+        self.held: str | None = None  # the receiver's reason while it refuses our token
 
     # --- prepare ----------------------------------------------------------------------
 
@@ -152,6 +155,8 @@ class Pipeline:
         if self._refused(episode, episode.commit) or not self.queue.start_upload(episode_id):
             self.health.abandoned(token)
             return
+        if self.held is not None:
+            self._reload_token()
         try:
             outcome = await self._exchange(episode)
         except ReceiverUnreachable as error:
@@ -175,6 +180,9 @@ class Pipeline:
         outcome = classify_head(head, episode.sha256)
         if head.status in (400, 412):
             outcome = classify_gate(await self.client.gate(episode.commit), outcome)
+        elif outcome.verdict is Verdict.HELD:
+            refusal = await self.client.refusal(episode.episode_id, episode.commit)
+            outcome = classify_refusal(refusal, outcome)
         if outcome.verdict is not Verdict.PROCEED:
             return outcome
         if self.progress is not None:
@@ -218,11 +226,17 @@ class Pipeline:
                 next_try - time.time(),
             )
             return
+        if verdict is Verdict.HELD:
+            self._hold(episode_id, outcome, token)
+            return
         was_unhealthy = not self.health.healthy
         self.health.succeeded(token)
         if was_unhealthy:
             self._save_health()
             log.info("receiver %s answers again", self.config.receiver_url)
+        if self.held is not None:
+            self.held = None
+            log.info("receiver %s accepts our token again", self.config.receiver_url)
         if verdict is Verdict.SHIPPED:
             self.queue.shipped(episode_id)
             log.info("%s: shipped (%s, sha256 %s)", episode_id, outcome.reason, episode.sha256)
@@ -250,6 +264,34 @@ class Pipeline:
             delay = self._episode_delay(episode, outcome.retry_after)
             self.queue.retry_later(episode_id, outcome.reason, time.time() + delay)
             log.warning("%s: %s; retry in %.0f s", episode_id, outcome.reason, delay)
+
+    def _hold(self, episode_id: str, outcome: Outcome, token: int) -> None:
+        """401/403: every upload waits max_seconds; token_file is re-read before the next."""
+        cap = self.config.retry.max_seconds
+        reason = f"held: {outcome.reason}"
+        self.health.failed(token, reason, retry_after=cap)
+        next_try = max(self.health.next_try, time.time())
+        self.queue.retry_later(episode_id, reason, next_try)
+        self._save_health()
+        if self.held == outcome.reason:
+            log.info("%s: still held (%s); retry in %.0f s", episode_id, outcome.reason, cap)
+            return
+        self.held = outcome.reason
+        # Once per reason: every episode is held for the same token.
+        log.error(
+            "receiver %s refuses our token (%s): uploads held, not fatal; install the host's"
+            " token in %s, it is re-read before each retry (every %.0f s, no restart needed)",
+            self.config.receiver_url,
+            outcome.reason,
+            self.config.token_file or "token_file (not set in the config)",
+            cap,
+        )
+
+    def _reload_token(self) -> None:
+        try:
+            self.client.set_token(read_token(self.config))
+        except ConfigError as error:
+            log.warning("%s; keeping the token read before", error)
 
     def _stale(self, episode: Episode, outcome: Outcome) -> None:
         commit = str(episode.commit)

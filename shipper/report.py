@@ -121,7 +121,12 @@ def render_text(document: dict[str, Any], now: float | None = None) -> str:
             f" {spool['settling']} still settling (settle_seconds)"
         )
     receiver = document["receiver"]
-    if receiver and receiver["consecutive_failures"]:
+    if receiver and str(receiver["last_error"]).startswith("held:"):
+        lines.append(
+            f"receiver: refuses our token, uploads {receiver['last_error']}; token_file is"
+            f" re-read before the next try {_when(receiver['next_try_at'], now)}"
+        )
+    elif receiver and receiver["consecutive_failures"]:
         lines.append(
             f"receiver: unavailable ({receiver['last_error']}), "
             f"{receiver['consecutive_failures']} failure(s) in a row, "

@@ -85,6 +85,20 @@ class ReceiverClient:
         )
         return await self._send(request)
 
+    def set_token(self, token: str | None) -> None:
+        """Use another bearer token from the next request on (token_file was re-read)."""
+        if token:
+            self.http.headers["Authorization"] = f"Bearer {token}"
+        else:
+            self.http.headers.pop("Authorization", None)
+
+    async def refusal(self, episode_id: str, commit: str) -> Reply:
+        """GET of the episode URL: HEAD's answer with a body (the reason for a 401/403)."""
+        request = self.http.build_request(
+            "GET", self._episode_url(episode_id), headers={self.commit_header: commit}
+        )
+        return await self._send(request)
+
     async def gate(self, commit: str) -> Reply:
         request = self.http.build_request("GET", f"{self.base_url}/gate/{quote(commit)}")
         return await self._send(request)

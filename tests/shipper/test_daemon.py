@@ -138,8 +138,6 @@ def test_a_412_answer_to_put_also_parks_the_commit(tmp_path: Path) -> None:
     ("status", "code"),
     [
         (400, "invalid-tarball"),
-        (401, "unauthorized"),
-        (403, "forbidden"),
         (409, "conflict"),
         (413, "too-large"),
     ],
@@ -383,3 +381,25 @@ def test_an_episode_parked_for_a_commit_refused_earlier_keeps_its_commit(
     episode = ship_once(config, receiver).episodes["ep-1"]
     assert episode.state is State.FATAL and episode.commit == OLD
     assert receiver.requests == []
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_token_holds_every_episode_and_is_logged_at_error_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, status: int
+) -> None:
+    refusal = httpx.Response(status, json={"error": "unauthorized", "detail": "unknown token"})
+    receiver = FakeReceiver(script=[httpx.Response(404), refusal])
+    config = make_config(tmp_path, token_file="token", retry={"base_seconds": 1, "max_seconds": 9})
+    (tmp_path / "token").write_text("old-token\n")
+    write_episode(config.spool_dir, "ep-1")
+    write_episode(config.spool_dir, "ep-2")
+    with caplog.at_level(logging.INFO, logger="shipper"):
+        result = ship_once(config, receiver)
+    # The other episode waits for the slow probe: the token is the host's, not the episode's.
+    assert result.counts["retry-wait"] == 1 and result.counts["pending"] == 1
+    assert result.counts["fatal"] == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"HTTP {status} unauthorized: unknown token" in errors[0]
+    episode = result.episodes["ep-1"]
+    assert str(episode.last_error).startswith("held: HTTP") and episode.attempts == 1
+    assert episode.next_attempt_at - episode.updated_at == pytest.approx(9, abs=1)
