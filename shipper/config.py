@@ -45,6 +45,8 @@ class ShipperConfig(Struct, frozen=True, forbid_unknown_fields=True):
     rescan_seconds: PositiveSeconds = 60.0
     request_timeout_seconds: PositiveSeconds = 60.0
     shutdown_grace_seconds: Annotated[float, Meta(ge=0)] = 15.0
+    progress_record_seconds: PositiveSeconds = 5.0
+    progress_log_seconds: PositiveSeconds = 60.0
     retry: RetryConfig = RetryConfig()
     retention: RetentionConfig = RetentionConfig()
     source: str = "<built-in>"

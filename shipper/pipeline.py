@@ -17,6 +17,7 @@ from pathlib import Path
 from episode_common.config_loading import ConfigError
 from shipper.backoff import ReceiverHealth, backoff_seconds
 from shipper.config import ShipperConfig, read_token
+from shipper.inflight import InFlight
 from shipper.outcome import (
     Outcome,
     Verdict,
@@ -59,6 +60,9 @@ class Pipeline:
         self.progress = progress
         self.warned_commits: set[str] = set()
         self.held: str | None = None  # the receiver's reason while it refuses our token
+        self.inflight = InFlight(
+            config.state_dir, config.progress_record_seconds, config.progress_log_seconds
+        )
 
     # --- prepare ----------------------------------------------------------------------
 
@@ -185,20 +189,29 @@ class Pipeline:
             outcome = classify_refusal(refusal, outcome)
         if outcome.verdict is not Verdict.PROCEED:
             return outcome
-        if self.progress is not None:
-            self.progress.upload_started(episode.size_bytes)
+        episode_id, bar = episode.episode_id, self.progress
+        if bar is not None:
+            bar.upload_started(episode.size_bytes)
+        self.inflight.started(episode_id, episode.size_bytes)
+
+        def advance(count: int) -> None:
+            self.inflight.advance(episode_id, count)
+            if bar is not None:
+                bar.advance(count)
+
         try:
             reply = await self.client.put(
-                episode.episode_id,
+                episode_id,
                 episode.commit,
                 episode.packed_path,
                 episode.size_bytes,
                 episode.sha256,
-                None if self.progress is None else self.progress.advance,
+                advance,
             )
         finally:
-            if self.progress is not None:
-                self.progress.upload_ended()
+            self.inflight.ended(episode_id)
+            if bar is not None:
+                bar.upload_ended()
         return classify_put(reply, episode.sha256)
 
     def _episode_delay(self, episode: Episode, retry_after: float | None) -> float:

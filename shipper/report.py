@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shipper import lockfile
+from shipper import inflight, lockfile
 from shipper.config import ShipperConfig
 from shipper.queue import Queue
 from shipper.spool import unqueued
@@ -24,9 +24,25 @@ def _iso(at: float | None) -> str | None:
     return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds")
 
 
-def _episode(episode: Episode) -> dict[str, Any]:
-    waiting = episode.state is State.RETRY_WAIT
+def _upload(item: dict[str, Any] | None) -> dict[str, Any] | None:
+    if item is None:
+        return None
+    rate, eta = inflight.rate_and_eta(item)
     return {
+        "sent_bytes": item["sent_bytes"],
+        "size_bytes": item["size_bytes"],
+        "bytes_per_second": None if rate is None else round(rate),
+        "eta_seconds": None if eta is None else round(eta),
+        "recorded_at": _iso(item["updated_at"]),
+        "text": inflight.describe(item),
+    }
+
+
+def _episode(episode: Episode, upload: dict[str, Any] | None = None) -> dict[str, Any]:
+    waiting = episode.state is State.RETRY_WAIT
+    uploading = episode.state is State.UPLOADING
+    return {
+        "upload": _upload(upload) if uploading else None,
         "episode_id": episode.episode_id,
         "state": str(episode.state),
         "kind": str(episode.kind),
@@ -84,7 +100,8 @@ def status_document(config: ShipperConfig, queue: Queue | None) -> dict[str, Any
         {"commit": r.commit, "reason": r.reason, "remediation": r.remediation}
         for r in queue.refusals()
     ]
-    document["episodes"] = [_episode(episode) for episode in queue.unshipped()]
+    uploads = inflight.read(config.state_dir)
+    document["episodes"] = [_episode(e, uploads.get(e.episode_id)) for e in queue.unshipped()]
     return document
 
 
@@ -93,6 +110,12 @@ def _when(iso: str | None, now: float) -> str:
         return "-"
     delta = datetime.fromisoformat(iso).timestamp() - now
     return f"{iso} ({'now' if delta <= 0 else f'in {delta:.0f} s'})"
+
+
+def _reason_text(episode: dict[str, Any]) -> str:
+    if episode["upload"] is not None:
+        return f"sent {episode['upload']['text']}"
+    return str(episode["reason"] or "-")
 
 
 def _daemon_line(document: dict[str, Any]) -> str:
@@ -145,7 +168,7 @@ def render_text(document: dict[str, Any], now: float | None = None) -> str:
                 episode["state"],
                 str(episode["attempts"]),
                 _when(episode["next_attempt_at"], now),
-                episode["reason"] or "-",
+                _reason_text(episode),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(4)]

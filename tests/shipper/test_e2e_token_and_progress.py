@@ -1,13 +1,20 @@
-"""A real shipper against a real receiver with tokens: a rotated token is held, then ships."""
+"""Real shipper and receiver processes: a rotated token is held then ships; upload progress."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+from shipper.config import load_config
+from shipper.queue import Queue
+from shipper.report import status_document
+from shipper.states import connect
 from tests.shipper.conftest import write_episode
 from tests.shipper.processes import (
     ShipperProcess,
@@ -70,3 +77,48 @@ def test_e2e_a_rotated_token_is_held_then_ships_without_a_restart(tmp_path: Path
     assert episode["state"] == "retry-wait" and "held: HTTP 401" in episode["reason"]
     assert "receiver: refuses our token" in text
     assert set(queue_states(tmp_path / "state").values()) == {"shipped"}
+
+
+def test_e2e_status_shows_an_upload_in_flight_and_long_uploads_log_progress(
+    tmp_path: Path,
+) -> None:
+    head = make_repo(tmp_path / "repo", commits=2)[0]
+    receiver_path = write_toml(
+        tmp_path / "receiver.toml", receiver_config(tmp_path, tmp_path / "repo")
+    )
+    receiver = ReceiverProcess(receiver_path).start()
+    config_path = shipper_config(
+        tmp_path,
+        receiver.url,
+        concurrency=1,
+        zstd_level=1,
+        progress_record_seconds=0.01,
+        progress_log_seconds=0.02,
+    )
+    for n in range(3):
+        write_episode(tmp_path / "spool", f"big-{n}", head, {"raw.bin": os.urandom(48 << 20)})
+    config = load_config(config_path)
+    seen: list[dict[str, Any]] = []
+    shipper = ShipperProcess(config_path).start()
+    try:
+        wait_for(lambda: (config.state_dir / "queue.db").exists(), 10, "the queue")
+        time.sleep(0.2)  # its schema
+        queue = Queue(connect(config.state_dir / "queue.db", create=False))
+        try:
+            deadline = time.monotonic() + 60
+            while len(index_rows(tmp_path / "data")) < 3 and time.monotonic() < deadline:
+                document = status_document(config, queue)
+                seen += [e["upload"] for e in document["episodes"] if e["upload"]]
+                time.sleep(0.005)
+        finally:
+            queue.close()
+    finally:
+        assert shipper.stop() == 0
+        receiver.stop()
+    assert len(index_rows(tmp_path / "data")) == 3
+    assert seen, "status never showed an upload in flight"
+    partial = [u for u in seen if 0 < u["sent_bytes"] < u["size_bytes"]]
+    assert partial, seen
+    assert all(u["bytes_per_second"] > 0 and u["eta_seconds"] is not None for u in partial)
+    assert re.search(r"big-\d: uploading, [\d.]+ MiB of [\d.]+ MiB \(\d+%\), ", shipper.log())
+    assert not (config.state_dir / "uploads.json").read_text().strip("{} ")
