@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from episode_common.config_loading import ConfigError
+from shipper import changes
 from shipper.backoff import ReceiverHealth, backoff_seconds
 from shipper.config import ShipperConfig, read_token
 from shipper.inflight import InFlight
@@ -82,7 +83,10 @@ class Pipeline:
                 return
             started = time.monotonic()
             packed = await asyncio.to_thread(self._pack, entry)
-            self.queue.finish_packing(episode_id, packed.path, packed.sha256, packed.size_bytes)
+            manifest = None if packed.manifest is None else changes.encode(packed.manifest)
+            self.queue.finish_packing(
+                episode_id, packed.path, packed.sha256, packed.size_bytes, manifest
+            )
             elapsed = max(time.monotonic() - started, 1e-6)
             log.info(
                 "%s %s: %.1f MiB, sha256 %s, %.2f s (%.0f MiB/s)",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from shipper.spool import Kind
 from shipper.states import (
+    MIGRATIONS,
     SCHEMA,
     SCHEMA_VERSION,
     WAITING,
@@ -42,8 +43,10 @@ class Queue:
             raise QueueError(f"queue schema {version} is newer than this shipper's")
         if version < SCHEMA_VERSION:
             # executescript commits any open transaction, so it carries its own.
+            migration = MIGRATIONS.get(version, "")
             conn.executescript(
-                f"BEGIN IMMEDIATE; {SCHEMA}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                f"BEGIN IMMEDIATE; {SCHEMA}; {migration}"
+                f" PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             )
 
     @classmethod
@@ -165,7 +168,9 @@ class Queue:
     def set_commit(self, episode_id: str, commit: str) -> bool:
         return self._update(episode_id, (State.PACKING,), commit_id=commit)
 
-    def finish_packing(self, episode_id: str, path: Path, sha256: str, size: int) -> bool:
+    def finish_packing(
+        self, episode_id: str, path: Path, sha256: str, size: int, manifest: str | None = None
+    ) -> bool:
         return self._update(
             episode_id,
             (State.PACKING,),
@@ -174,7 +179,23 @@ class Queue:
             sha256=sha256,
             size_bytes=size,
             next_attempt_at=0.0,
+            manifest=manifest,
+            changed_files=None,
         )
+
+    def mark_changed(self, episode_id: str, files: str) -> bool:
+        """The directory changed after packing: retention keeps it, `status` shows it."""
+        cursor = self.conn.execute(
+            "UPDATE episodes SET changed_files = ?, updated_at = ? WHERE episode_id = ?",
+            (files, time.time(), episode_id),
+        )
+        return cursor.rowcount == 1
+
+    def changed_episodes(self) -> list[Episode]:
+        rows = self.conn.execute(
+            "SELECT * FROM episodes WHERE changed_files IS NOT NULL ORDER BY episode_id"
+        )
+        return [Episode.from_row(row) for row in rows]
 
     def forget_packed(self, episode_id: str) -> bool:
         """The packed copy is gone or wrong: pack or hash again before uploading."""
@@ -334,7 +355,7 @@ class Queue:
     def due_for_deletion(self, shipped_before: float) -> list[Episode]:
         rows = self.conn.execute(
             "SELECT * FROM episodes WHERE state = ? AND local_deleted_at IS NULL"
-            " AND shipped_at <= ? ORDER BY shipped_at",
+            " AND changed_files IS NULL AND shipped_at <= ? ORDER BY shipped_at",
             (State.SHIPPED, shipped_before),
         )
         return [Episode.from_row(row) for row in rows]

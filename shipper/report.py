@@ -82,6 +82,7 @@ def status_document(config: ShipperConfig, queue: Queue | None) -> dict[str, Any
         "receiver": None,
         "refused_commits": [],
         "episodes": [],
+        "changed_after_packing": [],
     }
     known = set() if queue is None else set(queue.known_sources())
     finished, settling = unqueued(config.spool_dir, known, config.settle_seconds, time.time())
@@ -99,6 +100,10 @@ def status_document(config: ShipperConfig, queue: Queue | None) -> dict[str, Any
     document["refused_commits"] = [
         {"commit": r.commit, "reason": r.reason, "remediation": r.remediation}
         for r in queue.refusals()
+    ]
+    document["changed_after_packing"] = [
+        {"episode_id": e.episode_id, "source": str(e.source), "files": e.changed_files}
+        for e in queue.changed_episodes()
     ]
     uploads = inflight.read(config.state_dir)
     document["episodes"] = [_episode(e, uploads.get(e.episode_id)) for e in queue.unshipped()]
@@ -154,6 +159,11 @@ def render_text(document: dict[str, Any], now: float | None = None) -> str:
             f"receiver: unavailable ({receiver['last_error']}), "
             f"{receiver['consecutive_failures']} failure(s) in a row, "
             f"next try {_when(receiver['next_try_at'], now)}"
+        )
+    for changed in document["changed_after_packing"]:
+        lines.append(
+            f"changed after packing (kept, never deleted; the receiver has the packed copy):"
+            f" {changed['episode_id']} ({changed['source']}): {changed['files']}"
         )
     episodes = document["episodes"]
     if not episodes:

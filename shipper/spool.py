@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 COMMIT_PATTERN = re.compile(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}")
 TARBALL_SUFFIX = ".tar.zst"
+IGNORED_SUFFIXES = (".tmp", ".partial")
 # A meta.json larger than this is not metadata; refuse rather than read it all.
 MAX_META_BYTES = 16 << 20
 
@@ -56,8 +57,8 @@ class Entry:
 
 def entry_for(spool_dir: Path, name: str) -> Entry | None:
     """The spool entry a top-level name stands for, or None when it is not one."""
-    if name.startswith("."):
-        return None  # temporaries of producers, and our own .deleting-* renames
+    if name.startswith(".") or name.endswith(IGNORED_SUFFIXES):
+        return None  # being written: producers rename when done (and our .deleting-*)
     path = spool_dir / name
     try:
         mode = path.lstat().st_mode

@@ -17,6 +17,7 @@ import pytest
 from shipper.backoff import ReceiverHealth
 from shipper.daemon import Daemon
 from shipper.queue import Queue
+from shipper.report import render_text, status_document
 from shipper.states import State
 from shipper.upload import ReceiverClient
 from tests.shipper.conftest import (
@@ -403,3 +404,27 @@ def test_a_refused_token_holds_every_episode_and_is_logged_at_error_once(
     episode = result.episodes["ep-1"]
     assert str(episode.last_error).startswith("held: HTTP") and episode.attempts == 1
     assert episode.next_attempt_at - episode.updated_at == pytest.approx(9, abs=1)
+
+
+def test_a_directory_that_changed_after_packing_is_kept_reported_and_shown(
+    tmp_path: Path, receiver: FakeReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(tmp_path, retention={"delete_after_days": 1})
+    source = write_episode(config.spool_dir, "ep-1", files={"a.bin": b"a", "b.bin": b"b"})
+    write_episode(config.spool_dir, "ep-2")
+    assert ship_once(config, receiver).counts["shipped"] == 2
+    (source / "late.bin").write_bytes(b"written after the pause")
+    (source / "b.bin").write_bytes(b"bb")
+    config = make_config(tmp_path, retention={"delete_after_days": 0})
+    with caplog.at_level(logging.WARNING, logger="shipper"):
+        ship_once(config, receiver)
+    assert (source / "late.bin").exists() and not (config.spool_dir / "ep-2").exists()
+    (warning,) = [r.getMessage() for r in caplog.records if "after it was packed" in r.getMessage()]
+    assert warning.startswith(f"ep-1: {source} changed after it was packed (b.bin, late.bin)")
+    queue = Queue.open(config.state_dir)
+    document = status_document(config, queue)
+    queue.close()
+    assert document["changed_after_packing"] == [
+        {"episode_id": "ep-1", "source": str(source), "files": "b.bin, late.bin"}
+    ]
+    assert "changed after packing (kept, never deleted" in render_text(document)

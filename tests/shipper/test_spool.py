@@ -120,3 +120,11 @@ def test_a_file_that_is_not_tar_zst_is_reported(tmp_path: Path) -> None:
     path.write_bytes(b"plain text, not zstd")
     with pytest.raises(BadEpisode, match="not a readable tar.zst"):
         read_commit(Entry("ep-1", path, Kind.TARBALL))
+
+
+def test_names_being_written_are_never_picked_up(tmp_path: Path) -> None:
+    for name in (".ep-1", "ep-2.tmp", "ep-3.partial"):
+        write_episode(tmp_path, name)
+    (tmp_path / "ep-4.tar.zst.partial").write_bytes(b"")
+    write_episode(tmp_path, "ep-5")
+    assert [entry.episode_id for entry in list_entries(tmp_path)] == ["ep-5"]
