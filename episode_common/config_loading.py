@@ -6,6 +6,7 @@ expected, so that a CLI can print a single line and exit 2.
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 import typing
@@ -54,7 +55,8 @@ def explain_validation_error(
         # msgspec paths look like ".storage.data_dir" or ".hosts[0]"
         path = match.group("path").lstrip(".")
     if m := _UNKNOWN.match(text):
-        return ConfigError(source, _join(path, m.group("field")), "unknown key")
+        field = m.group("field")
+        return ConfigError(source, _join(path, field), "unknown key" + _suggest(root, path, field))
     if m := _MISSING.match(text):
         return ConfigError(source, _join(path, m.group("field")), "required key is missing")
     if (m := _ENUM.match(text)) and root is not None and path:
@@ -95,6 +97,29 @@ def encode_hook(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise NotImplementedError
+
+
+def _suggest(root: type | None, path: str, field: str) -> str:
+    """'; did you mean X?' for a misspelt key or section (e.g. [versiongate])."""
+    node: Any = root
+    for part in path.split(".") if path else []:
+        node = _hint(node, part)
+    try:
+        names = [f.encode_name for f in msgspec.structs.fields(node)]
+    except TypeError:
+        return ""
+    close = difflib.get_close_matches(field, names, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _hint(node: Any, part: str) -> Any:
+    try:
+        hint = typing.get_type_hints(node, include_extras=True).get(part)
+    except TypeError:
+        return None
+    while typing.get_origin(hint) is Annotated:
+        hint = typing.get_args(hint)[0]
+    return hint
 
 
 def _field_choices(root: type, dotted: str) -> tuple[str, ...] | None:

@@ -205,7 +205,9 @@ def create_app(config: ReceiverConfig) -> Starlette:
 
     async def episode_request(request: Request) -> Response:
         started = time.monotonic()
-        head = request.method == "HEAD"
+        # GET answers as HEAD does, with the body: why a bodiless HEAD was refused (401/403).
+        head = request.method != "PUT"
+        bodiless = request.method == "HEAD"
         facts = RequestFacts(
             claimed_host=request.path_params["host_id"],
             episode_id=request.path_params["episode_id"],
@@ -222,13 +224,16 @@ def create_app(config: ReceiverConfig) -> Starlette:
         except IngestError as error:
             facts.body = error.body()
             finished(request, started, error.status_code, error.code, facts)
-            return _error_response(error, head)
+            return _error_response(error, bodiless)
         except ClientDisconnect:
             finished(request, started, 499, "client-disconnected", facts)
             return Response(status_code=400)
         facts.body = reply.body
-        finished(request, started, reply.status_code, _outcome(reply, head), facts)
-        return _render(reply, head)
+        outcome = _outcome(reply, head)
+        finished(request, started, reply.status_code, outcome, facts)
+        if request.method == "GET":
+            reply.body.setdefault("status", outcome)
+        return _render(reply, bodiless)
 
     async def answer_episode(request: Request, facts: RequestFacts, head: bool) -> Reply:
         ingestor = state["ingestor"]
@@ -321,7 +326,7 @@ def create_app(config: ReceiverConfig) -> Starlette:
         return _json(exc.status_code, {"error": code, "detail": exc.detail}, exc.headers)
 
     routes = [
-        Route("/episodes/{host_id}/{episode_id}", episode_request, methods=["PUT", "HEAD"]),
+        Route("/episodes/{host_id}/{episode_id}", episode_request, methods=["PUT", "HEAD", "GET"]),
         Route("/episodes/{rest:path}", invalid_episode_path, methods=["PUT", "HEAD"]),
         Route("/gate/{commit}", read_endpoint(gate_answer), methods=["GET"]),
         Route("/healthz", read_endpoint(healthz), methods=["GET"]),

@@ -12,7 +12,7 @@ UNAUTHENTICATED_HOST = "(unauthenticated)"
 
 @dataclass(frozen=True)
 class RequestEvent:
-    method: str  # "PUT" or "HEAD"
+    method: str  # "PUT", "HEAD" or "GET" (HEAD's answer with its body)
     host_id: str  # as sent (may be an invalid id; never used as a path)
     episode_id: str
     status: int

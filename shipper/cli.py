@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import json
 import logging
 import os
@@ -24,12 +23,13 @@ import tomli_w
 from episode_common.cli_support import fail, setup_logging
 from episode_common.config_loading import ConfigError
 from episode_common.durable import fsync_dir
-from shipper import __version__
-from shipper.config import ShipperConfig, from_mapping, load_config
+from shipper import __version__, lockfile
+from shipper.config import ShipperConfig, from_mapping, load_config, read_token
 from shipper.daemon import Daemon
 from shipper.progress import ClearLine, Progress
 from shipper.queue import Queue, QueueError
-from shipper.report import render_text, status_document
+from shipper.report import render_text, retry_hint_config, status_document
+from shipper.spool import normalise_commit
 from shipper.states import State, connect
 from shipper.upload import ReceiverClient
 
@@ -55,6 +55,9 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", type=Path, required=True, help="the shipper's TOML file")
         if name == "status":
             sub.add_argument("--json", action="store_true", help="print JSON")
+        if name == "retry":
+            sub.add_argument("ids", nargs="*", metavar="ID", help="only these episodes")
+            sub.add_argument("--commit", help="only the episodes refused for this commit")
     init = commands.add_parser("init", help="write a shipper config", description="Write a config.")
     init.add_argument("--host-id", required=True)
     init.add_argument("--receiver-url", required=True)
@@ -79,43 +82,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as error:
         fail(PROG, str(error))
     setup_logging("INFO")
-    # httpx logs every request at INFO; our own lines already say what happened.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # httpx logs every request, watchfiles every batch of file events ("N changes
+    # detected", several a second while a producer writes): our own lines already
+    # say what happened, one per episode event.
+    for noisy in ("httpx", "watchfiles"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "status":
         sys.exit(_status(config, as_json=args.json))
     if args.command == "retry":
-        sys.exit(_retry(config))
+        sys.exit(_retry(config, args.ids, args.commit))
     sys.exit(_ship(config, once=args.command == "once"))
 
 
-def read_token(config: ShipperConfig) -> str | None:
-    if config.token_file is None:
-        return None
-    try:
-        token = config.token_file.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as error:
-        why = getattr(error, "strerror", None) or str(error)
-        raise ConfigError(
-            config.source, "token_file", f"cannot read {config.token_file}: {why}"
-        ) from None
-    if not token:
-        raise ConfigError(config.source, "token_file", f"{config.token_file} is empty")
-    return token
-
-
-def _lock_state_dir(config: ShipperConfig) -> IO[str]:
+def _lock_state_dir(config: ShipperConfig, mode: str) -> IO[str]:
     """One shipper per state_dir: a second `run`/`once` would double every upload."""
-    handle = open(config.state_dir / "shipper.lock", "a+")  # held until exit
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "?"
-        fail(PROG, f"state_dir {config.state_dir} is in use by another shipper (pid {holder})")
-    handle.truncate(0)
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    return handle
+        return lockfile.hold(config.state_dir, mode)
+    except lockfile.InUse as error:
+        fail(PROG, f"state_dir {config.state_dir} is in use by another shipper (pid {error})")
 
 
 def _open_queue(config: ShipperConfig) -> Queue:
@@ -137,7 +121,7 @@ def _ship(config: ShipperConfig, *, once: bool) -> int:
     if not config.spool_dir.is_dir():
         fail(PROG, f"{config.source}: spool_dir: {config.spool_dir} is not a directory")
     queue = _open_queue(config)
-    lock = _lock_state_dir(config)
+    lock = _lock_state_dir(config, "once" if once else "run")
     progress = None
     if once and sys.stderr.isatty():
         progress = Progress(sys.stderr)
@@ -162,6 +146,13 @@ def _ship(config: ShipperConfig, *, once: bool) -> int:
         counts[State.FATAL],
     )
     if counts[State.FATAL]:
+        where = retry_hint_config(config)
+        log.info(
+            "fatal episodes stay parked; see episode-shipper status --config %s, fix the cause,"
+            " then episode-shipper retry --config %s [ID...] [--commit C]",
+            where,
+            where,
+        )
         return EXIT_FATAL
     return EXIT_RETRYING if waiting else EXIT_SHIPPED
 
@@ -213,14 +204,21 @@ def _status(config: ShipperConfig, *, as_json: bool) -> int:
     return 0
 
 
-def _retry(config: ShipperConfig) -> int:
+def _retry(config: ShipperConfig, ids: list[str], commit_arg: str | None) -> int:
+    commit = None if commit_arg is None else normalise_commit(commit_arg)
+    if commit_arg is not None and commit is None:
+        fail(PROG, f"--commit {commit_arg!r}: must be 40 or 64 hex digits")
     queue = _open_queue(config)
     try:
-        count = queue.retry_fatal()
+        requeued = queue.retry_fatal(ids, commit)
+        missed = {i: queue.get(i) for i in ids if i not in requeued}
     finally:
         queue.close()
-    print(f"re-queued {count} fatal episode(s); a running shipper picks them up within seconds")
-    return 0
+    print(f"re-queued {len(requeued)} fatal episode(s); a running shipper picks them up soon")
+    for episode_id, episode in missed.items():
+        why = "not in the queue" if episode is None else f"{episode.state}, not fatal"
+        print(f"{episode_id}: not re-queued ({why})", file=sys.stderr)
+    return 1 if missed or (commit is not None and not requeued) else 0
 
 
 def _init(args: argparse.Namespace) -> int:

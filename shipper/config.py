@@ -6,6 +6,7 @@ documented in etc/shipper.toml.example and docs/configuration.md.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +16,7 @@ from msgspec import Meta, Struct
 from episode_common.config_loading import ConfigError, convert, read_toml, resolve_path
 
 HostId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
-Url = Annotated[str, Meta(pattern=r"^https?://[^\s/]+(/\S*)?$")]
+URL_PATTERN = re.compile(r"https?://[^\s/]+(/\S*)?")
 HeaderName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")]
 PositiveSeconds = Annotated[float, Meta(gt=0)]
 
@@ -32,7 +33,7 @@ class RetentionConfig(Struct, frozen=True, forbid_unknown_fields=True):
 
 class ShipperConfig(Struct, frozen=True, forbid_unknown_fields=True):
     host_id: HostId
-    receiver_url: Url
+    receiver_url: str
     spool_dir: Path
     state_dir: Path
     token_file: Path | None = None
@@ -44,6 +45,8 @@ class ShipperConfig(Struct, frozen=True, forbid_unknown_fields=True):
     rescan_seconds: PositiveSeconds = 60.0
     request_timeout_seconds: PositiveSeconds = 60.0
     shutdown_grace_seconds: Annotated[float, Meta(ge=0)] = 15.0
+    progress_record_seconds: PositiveSeconds = 5.0
+    progress_log_seconds: PositiveSeconds = 60.0
     retry: RetryConfig = RetryConfig()
     retention: RetentionConfig = RetentionConfig()
     source: str = "<built-in>"
@@ -54,6 +57,13 @@ def from_mapping(data: dict[str, Any], source: str, base: Path) -> ShipperConfig
     if "source" in data:
         raise ConfigError(source, "source", "unknown key")
     config = convert(source, {**data, "source": source}, ShipperConfig)
+    if not URL_PATTERN.fullmatch(config.receiver_url):
+        # Checked here, not by a pattern on the field: msgspec's message would be the regex.
+        raise ConfigError(
+            source,
+            "receiver_url",
+            f"must start with http:// or https:// and name a host, got {config.receiver_url!r}",
+        )
     if config.retry.max_seconds < config.retry.base_seconds:
         raise ConfigError(source, "retry.max_seconds", "must be >= retry.base_seconds")
     config = msgspec.structs.replace(
@@ -72,3 +82,19 @@ def from_mapping(data: dict[str, Any], source: str, base: Path) -> ShipperConfig
 def load_config(path: Path) -> ShipperConfig:
     """Load the shipper's config file (relative paths: relative to the file's directory)."""
     return from_mapping(read_toml(path), str(path), path.resolve().parent)
+
+
+def read_token(config: ShipperConfig) -> str | None:
+    """The bearer token from token_file (None without one); ConfigError when unusable."""
+    if config.token_file is None:
+        return None
+    try:
+        token = config.token_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        why = getattr(error, "strerror", None) or str(error)
+        raise ConfigError(
+            config.source, "token_file", f"cannot read {config.token_file}: {why}"
+        ) from None
+    if not token:
+        raise ConfigError(config.source, "token_file", f"{config.token_file} is empty")
+    return token

@@ -22,6 +22,7 @@ from shipper.pack import remove_temporaries
 from shipper.pipeline import Pipeline
 from shipper.progress import Progress
 from shipper.queue import Queue
+from shipper.retention import late_files
 from shipper.spool import ID_PATTERN, Entry, entry_for, last_change, watch_names
 from shipper.upload import ReceiverClient
 
@@ -142,6 +143,8 @@ class Daemon:
         found, clashes = await asyncio.to_thread(_survey, self.config.spool_dir, names, known)
         for entry in clashes:
             self._report_clash(entry, known[entry.episode_id])
+        if names is not None:
+            await self._look_for_late_files(names & known.keys())
         now = time.time()
         if names is None:
             self.unsettled = {}
@@ -170,6 +173,13 @@ class Daemon:
                 log.error("%s: not shipped: %s", name, error)
             else:
                 log.info("%s: finished, queued (%s)", entry.episode_id, entry.kind)
+
+    async def _look_for_late_files(self, names: set[str]) -> None:
+        """Events in a queued directory: did it change after it was packed?"""
+        for name in sorted(names):
+            episode = self.queue.get(name)
+            if episode is not None and (files := await asyncio.to_thread(late_files, episode)):
+                retention.report_late_files(self.queue, episode, files)
 
     def _report_clash(self, entry: Entry, first: Path) -> None:
         """Once per path: an id is shipped once, from the entry that was found first."""

@@ -26,6 +26,7 @@ class Verdict(StrEnum):
     DIGEST_MISMATCH = "digest-mismatch"  # re-hash the local copy, then try again
     RETRY_EPISODE = "retry-episode"  # this episode waits; the receiver is fine
     RETRY_RECEIVER = "retry-receiver"  # the receiver is unwell: everyone backs off
+    HELD = "held"  # 401/403: our token is refused; everyone waits, slowly, for a new one
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,9 @@ _RETRY_EPISODE = frozenset({408, 423})
 # Retried with backoff per receiver: it is overloaded, full or down.
 _RETRY_RECEIVER = frozenset({429, 507})
 # Fatal for the episode; an operator has to act.
-_FATAL = frozenset({400, 401, 403, 409, 413})
+_FATAL = frozenset({400, 409, 413})
+# Held, not fatal: the token is fixed on the host (rotated, installed), not the episode.
+_HELD = frozenset({401, 403})
 
 _DIGEST_ITEM = re.compile(r"\s*([A-Za-z0-9_-]+)\s*=\s*:([A-Za-z0-9+/=]*):\s*")
 
@@ -142,6 +145,8 @@ def classify_put(reply: Reply, local_sha256: str) -> Outcome:
     # parse) would be sent the same way again, so it is fatal like the other 400s.
     if reply.status == 400 and code == "digest-mismatch":
         return Outcome(Verdict.DIGEST_MISMATCH, _reason(reply, body), code)
+    if reply.status in _HELD:
+        return Outcome(Verdict.HELD, _reason(reply, body), code)
     if reply.status in _FATAL:
         return Outcome(Verdict.FATAL, _reason(reply, body), code, _text(body, "remediation"))
     if reply.status in _RETRY_EPISODE:
@@ -168,8 +173,9 @@ def classify_head(reply: Reply, local_sha256: str) -> Outcome:
         return Outcome(Verdict.SHIPPED, "already stored (HEAD digest matches)")
     if reply.status == 412:
         return Outcome(Verdict.STALE, "HTTP 412", None, None, retry_after)
-    if reply.status in (401, 403):
-        return Outcome(Verdict.FATAL, f"HTTP {reply.status}", None)
+    if reply.status in _HELD:
+        # No body: GET of the same URL says why (classify_refusal).
+        return Outcome(Verdict.HELD, f"HTTP {reply.status}", None)
     if reply.status == 400:
         # HEAD answers have no body: the gate endpoint says which 400 it was.
         return Outcome(Verdict.FATAL, "HTTP 400", None)
@@ -200,6 +206,16 @@ def classify_gate(reply: Reply, head_outcome: Outcome) -> Outcome:
         return Outcome(
             Verdict.RETRY_RECEIVER, f"gate: HTTP {reply.status}", None, None, retry_after
         )
+    return head_outcome
+
+
+def classify_refusal(reply: Reply, head_outcome: Outcome) -> Outcome:
+    """Refine a bodiless HEAD 401/403 with the body of GET /episodes/{host}/{episode}."""
+    if reply.status in _HELD:
+        body = decode_body(reply.body)
+        return Outcome(Verdict.HELD, _reason(reply, body), _text(body, "error"))
+    # A receiver without that GET (405), or the token was accepted meanwhile: the
+    # HEAD's answer stands; the next try asks again.
     return head_outcome
 
 

@@ -16,7 +16,7 @@ import stat
 import tarfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -46,6 +46,8 @@ class Packed:
     path: Path
     sha256: str
     size_bytes: int
+    # name -> (size, mtime_ns) of each file and symlink packed (directories only).
+    manifest: dict[str, tuple[int, int]] | None = field(default=None, compare=False)
 
 
 def zstd_workers(configured: int) -> int:
@@ -199,8 +201,11 @@ def pack_directory(
         sink = _Sink(out, level, zstd_workers(threads), direct=direct)
         try:
             written = 0
+            manifest: dict[str, tuple[int, int]] = {}
             for name, path, info in _members(root):
                 member = _tarinfo(name, path, info, root)
+                if not stat.S_ISDIR(info.st_mode):
+                    manifest[name] = (info.st_size, info.st_mtime_ns)
                 header = member.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
                 sink.write(header)
                 written += len(header)
@@ -219,7 +224,7 @@ def pack_directory(
             raise
     os.replace(tmp, final)
     fsync_dir(dest_dir)
-    return Packed(final, sink.digest.hexdigest(), sink.size)
+    return Packed(final, sink.digest.hexdigest(), sink.size, manifest)
 
 
 def hash_file(path: Path, stop: threading.Event | None = None) -> Packed:

@@ -14,14 +14,18 @@ import threading
 import time
 from pathlib import Path
 
+from episode_common.config_loading import ConfigError
+from shipper import changes
 from shipper.backoff import ReceiverHealth, backoff_seconds
-from shipper.config import ShipperConfig
+from shipper.config import ShipperConfig, read_token
+from shipper.inflight import InFlight
 from shipper.outcome import (
     Outcome,
     Verdict,
     classify_gate,
     classify_head,
     classify_put,
+    classify_refusal,
     transport_failure,
 )
 from shipper.pack import PackAborted, Packed, PackError, hash_file, pack_directory
@@ -56,6 +60,10 @@ class Pipeline:
         self.stop_packing = threading.Event()
         self.progress = progress
         self.warned_commits: set[str] = set()
+        self.held: str | None = None  # the receiver's reason while it refuses our token
+        self.inflight = InFlight(
+            config.state_dir, config.progress_record_seconds, config.progress_log_seconds
+        )
 
     # --- prepare ----------------------------------------------------------------------
 
@@ -69,12 +77,16 @@ class Pipeline:
             commit = episode.commit
             if commit is None:
                 commit = await asyncio.to_thread(read_commit, entry)
+            # First: an episode parked for a refused commit keeps it (status, retry --commit).
+            self.queue.set_commit(episode_id, commit)
             if self._refused(episode, commit):
                 return
-            self.queue.set_commit(episode_id, commit)
             started = time.monotonic()
             packed = await asyncio.to_thread(self._pack, entry)
-            self.queue.finish_packing(episode_id, packed.path, packed.sha256, packed.size_bytes)
+            manifest = None if packed.manifest is None else changes.encode(packed.manifest)
+            self.queue.finish_packing(
+                episode_id, packed.path, packed.sha256, packed.size_bytes, manifest
+            )
             elapsed = max(time.monotonic() - started, 1e-6)
             log.info(
                 "%s %s: %.1f MiB, sha256 %s, %.2f s (%.0f MiB/s)",
@@ -94,7 +106,7 @@ class Pipeline:
         except OSError as error:
             delay = self._episode_delay(episode, None)
             self.queue.retry_later(episode_id, f"packing failed: {error}", time.time() + delay)
-            log.warning("%s: packing failed (%s); next try in %.0f s", episode_id, error, delay)
+            log.warning("%s: packing failed (%s); retry in %.0f s", episode_id, error, delay)
         except PackAborted:
             self.queue.abandon(episode_id)
             log.info("%s: packing abandoned for shutdown", episode_id)
@@ -151,6 +163,8 @@ class Pipeline:
         if self._refused(episode, episode.commit) or not self.queue.start_upload(episode_id):
             self.health.abandoned(token)
             return
+        if self.held is not None:
+            self._reload_token()
         try:
             outcome = await self._exchange(episode)
         except ReceiverUnreachable as error:
@@ -174,22 +188,34 @@ class Pipeline:
         outcome = classify_head(head, episode.sha256)
         if head.status in (400, 412):
             outcome = classify_gate(await self.client.gate(episode.commit), outcome)
+        elif outcome.verdict is Verdict.HELD:
+            refusal = await self.client.refusal(episode.episode_id, episode.commit)
+            outcome = classify_refusal(refusal, outcome)
         if outcome.verdict is not Verdict.PROCEED:
             return outcome
-        if self.progress is not None:
-            self.progress.upload_started(episode.size_bytes)
+        episode_id, bar = episode.episode_id, self.progress
+        if bar is not None:
+            bar.upload_started(episode.size_bytes)
+        self.inflight.started(episode_id, episode.size_bytes)
+
+        def advance(count: int) -> None:
+            self.inflight.advance(episode_id, count)
+            if bar is not None:
+                bar.advance(count)
+
         try:
             reply = await self.client.put(
-                episode.episode_id,
+                episode_id,
                 episode.commit,
                 episode.packed_path,
                 episode.size_bytes,
                 episode.sha256,
-                None if self.progress is None else self.progress.advance,
+                advance,
             )
         finally:
-            if self.progress is not None:
-                self.progress.upload_ended()
+            self.inflight.ended(episode_id)
+            if bar is not None:
+                bar.upload_ended()
         return classify_put(reply, episode.sha256)
 
     def _episode_delay(self, episode: Episode, retry_after: float | None) -> float:
@@ -210,18 +236,24 @@ class Pipeline:
             self.queue.retry_later(episode_id, outcome.reason, next_try)
             self._save_health()
             log.warning(
-                "%s: receiver unavailable (%s); %d consecutive failure(s), next try in %.1f s",
+                "%s: receiver unavailable: %s; %d consecutive failure(s), retry in %.0f s",
                 episode_id,
                 outcome.reason,
                 self.health.failures,
                 next_try - time.time(),
             )
             return
+        if verdict is Verdict.HELD:
+            self._hold(episode_id, outcome, token)
+            return
         was_unhealthy = not self.health.healthy
         self.health.succeeded(token)
         if was_unhealthy:
             self._save_health()
             log.info("receiver %s answers again", self.config.receiver_url)
+        if self.held is not None:
+            self.held = None
+            log.info("receiver %s accepts our token again", self.config.receiver_url)
         if verdict is Verdict.SHIPPED:
             self.queue.shipped(episode_id)
             log.info("%s: shipped (%s, sha256 %s)", episode_id, outcome.reason, episode.sha256)
@@ -248,7 +280,35 @@ class Pipeline:
         else:  # RETRY_EPISODE, or PROCEED where a final answer was due
             delay = self._episode_delay(episode, outcome.retry_after)
             self.queue.retry_later(episode_id, outcome.reason, time.time() + delay)
-            log.warning("%s: %s; next try in %.1f s", episode_id, outcome.reason, delay)
+            log.warning("%s: %s; retry in %.0f s", episode_id, outcome.reason, delay)
+
+    def _hold(self, episode_id: str, outcome: Outcome, token: int) -> None:
+        """401/403: every upload waits max_seconds; token_file is re-read before the next."""
+        cap = self.config.retry.max_seconds
+        reason = f"held: {outcome.reason}"
+        self.health.failed(token, reason, retry_after=cap)
+        next_try = max(self.health.next_try, time.time())
+        self.queue.retry_later(episode_id, reason, next_try)
+        self._save_health()
+        if self.held == outcome.reason:
+            log.info("%s: still held (%s); retry in %.0f s", episode_id, outcome.reason, cap)
+            return
+        self.held = outcome.reason
+        # Once per reason: every episode is held for the same token.
+        log.error(
+            "receiver %s refuses our token (%s): uploads held, not fatal; install the host's"
+            " token in %s, it is re-read before each retry (every %.0f s, no restart needed)",
+            self.config.receiver_url,
+            outcome.reason,
+            self.config.token_file or "token_file (not set in the config)",
+            cap,
+        )
+
+    def _reload_token(self) -> None:
+        try:
+            self.client.set_token(read_token(self.config))
+        except ConfigError as error:
+            log.warning("%s; keeping the token read before", error)
 
     def _stale(self, episode: Episode, outcome: Outcome) -> None:
         commit = str(episode.commit)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from pathlib import Path
 
 from shipper.spool import Kind
 from shipper.states import (
+    MIGRATIONS,
     SCHEMA,
     SCHEMA_VERSION,
     WAITING,
@@ -42,8 +43,10 @@ class Queue:
             raise QueueError(f"queue schema {version} is newer than this shipper's")
         if version < SCHEMA_VERSION:
             # executescript commits any open transaction, so it carries its own.
+            migration = MIGRATIONS.get(version, "")
             conn.executescript(
-                f"BEGIN IMMEDIATE; {SCHEMA}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                f"BEGIN IMMEDIATE; {SCHEMA}; {migration}"
+                f" PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             )
 
     @classmethod
@@ -165,7 +168,9 @@ class Queue:
     def set_commit(self, episode_id: str, commit: str) -> bool:
         return self._update(episode_id, (State.PACKING,), commit_id=commit)
 
-    def finish_packing(self, episode_id: str, path: Path, sha256: str, size: int) -> bool:
+    def finish_packing(
+        self, episode_id: str, path: Path, sha256: str, size: int, manifest: str | None = None
+    ) -> bool:
         return self._update(
             episode_id,
             (State.PACKING,),
@@ -174,7 +179,23 @@ class Queue:
             sha256=sha256,
             size_bytes=size,
             next_attempt_at=0.0,
+            manifest=manifest,
+            changed_files=None,
         )
+
+    def mark_changed(self, episode_id: str, files: str) -> bool:
+        """The directory changed after packing: retention keeps it, `status` shows it."""
+        cursor = self.conn.execute(
+            "UPDATE episodes SET changed_files = ?, updated_at = ? WHERE episode_id = ?",
+            (files, time.time(), episode_id),
+        )
+        return cursor.rowcount == 1
+
+    def changed_episodes(self) -> list[Episode]:
+        rows = self.conn.execute(
+            "SELECT * FROM episodes WHERE changed_files IS NOT NULL ORDER BY episode_id"
+        )
+        return [Episode.from_row(row) for row in rows]
 
     def forget_packed(self, episode_id: str) -> bool:
         """The packed copy is gone or wrong: pack or hash again before uploading."""
@@ -282,17 +303,37 @@ class Queue:
         rows = self.conn.execute("SELECT * FROM refused_commits ORDER BY refused_at")
         return [Refusal(row["commit_id"], row["reason"], row["remediation"]) for row in rows]
 
-    def retry_fatal(self) -> int:
-        """Re-queue every fatal episode and forget refused commits (the operator fixed them)."""
+    def retry_fatal(self, ids: Sequence[str] = (), commit: str | None = None) -> list[str]:
+        """Re-queue fatal episodes (the operator fixed their cause); returns their ids.
+
+        With no ids and no commit: every fatal episode, and every refused commit is
+        forgotten. Otherwise only the named ones and those of `commit`, and only
+        their commits' refusals (a refusal would park them again at once).
+        """
+        marks = ", ".join("?" for _ in ids)
+        where = "state = ?"
+        params: list[object] = [State.FATAL]
+        if ids or commit is not None:
+            where += f" AND (episode_id IN ({marks or 'NULL'}) OR commit_id = ?)"
+            params += [*ids, commit]
         with self._transaction() as conn:
-            cursor = conn.execute(
+            rows = conn.execute(
+                f"SELECT episode_id, commit_id FROM episodes WHERE {where}", params
+            ).fetchall()
+            conn.execute(
                 "UPDATE episodes SET state = ?, attempts = 0, digest_retries = 0,"
                 " last_error = NULL, remediation = NULL, next_attempt_at = 0, updated_at = ?"
-                " WHERE state = ?",
-                (State.PENDING, time.time(), State.FATAL),
+                f" WHERE {where}",
+                [State.PENDING, time.time(), *params],
             )
-            conn.execute("DELETE FROM refused_commits")
-            return cursor.rowcount
+            if ids or commit is not None:
+                commits = {commit, *(row[1] for row in rows)} - {None}
+                conn.executemany(
+                    "DELETE FROM refused_commits WHERE commit_id = ?", [(c,) for c in commits]
+                )
+            else:
+                conn.execute("DELETE FROM refused_commits")
+        return [row[0] for row in rows]
 
     # --- reporting and retention ------------------------------------------------------
 
@@ -314,7 +355,7 @@ class Queue:
     def due_for_deletion(self, shipped_before: float) -> list[Episode]:
         rows = self.conn.execute(
             "SELECT * FROM episodes WHERE state = ? AND local_deleted_at IS NULL"
-            " AND shipped_at <= ? ORDER BY shipped_at",
+            " AND changed_files IS NULL AND shipped_at <= ? ORDER BY shipped_at",
             (State.SHIPPED, shipped_before),
         )
         return [Episode.from_row(row) for row in rows]

@@ -1,8 +1,9 @@
 """Delete local copies of shipped episodes once `delete_after_days` have passed.
 
 Only episodes the queue holds as shipped (a 2xx whose sha256 equals ours) are
-ever touched; fatal and waiting episodes are never deleted. A directory is
-first renamed to a dot-name, so a half-deleted episode never looks like one.
+ever touched; fatal and waiting episodes, and directories that changed after
+they were packed, are never deleted. A directory is first renamed to a
+dot-name, so a half-deleted episode never looks like one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
+from shipper import changes
 from shipper.queue import Queue
 from shipper.spool import Kind
 from shipper.states import Episode
@@ -42,6 +44,29 @@ def remove_local_copy(episode: Episode, spool_dir: Path, packed_dir: Path) -> No
         packed.unlink(missing_ok=True)
 
 
+def late_files(episode: Episode) -> list[str]:
+    """Files of a directory episode that are new or changed since it was packed (thread-safe)."""
+    if episode.kind is not Kind.DIRECTORY or episode.manifest is None:
+        return []
+    if episode.changed_files is not None or not episode.source.is_dir():
+        return []
+    return changes.changed_files(episode.source, changes.decode(episode.manifest))
+
+
+def report_late_files(queue: Queue, episode: Episode, files: list[str]) -> None:
+    """Once per episode: mark it (retention keeps it, `status` shows it) and warn."""
+    text = changes.summary(files)
+    queue.mark_changed(episode.episode_id, text)
+    log.warning(
+        "%s: %s changed after it was packed (%s); the receiver holds the copy packed"
+        " before, so this directory is kept, never deleted: ship the late files as a new"
+        " episode, then remove it by hand",
+        episode.episode_id,
+        episode.source,
+        text,
+    )
+
+
 def finish_interrupted_deletions(spool_dir: Path) -> None:
     """rmtree what a crash left half-deleted (already renamed to .deleting-*)."""
     for leftover in spool_dir.glob(".deleting-*"):
@@ -53,6 +78,9 @@ async def sweep(queue: Queue, spool_dir: Path, packed_dir: Path, delete_after_da
     cutoff = time.time() - delete_after_days * DAY
     deleted = 0
     for episode in queue.due_for_deletion(cutoff):
+        if files := await asyncio.to_thread(late_files, episode):
+            report_late_files(queue, episode, files)
+            continue
         try:
             await asyncio.to_thread(remove_local_copy, episode, spool_dir, packed_dir)
         except (OSError, ValueError) as error:

@@ -16,6 +16,7 @@ import re
 import stat
 import tarfile
 from collections.abc import AsyncIterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 COMMIT_PATTERN = re.compile(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}")
 TARBALL_SUFFIX = ".tar.zst"
+IGNORED_SUFFIXES = (".tmp", ".partial")
 # A meta.json larger than this is not metadata; refuse rather than read it all.
 MAX_META_BYTES = 16 << 20
 
@@ -57,8 +59,8 @@ class Entry:
 
 def entry_for(spool_dir: Path, name: str) -> Entry | None:
     """The spool entry a top-level name stands for, or None when it is not one."""
-    if name.startswith("."):
-        return None  # temporaries of producers, and our own .deleting-* renames
+    if name.startswith(".") or name.endswith(IGNORED_SUFFIXES):
+        return None  # being written: producers rename when done (and our .deleting-*)
     path = spool_dir / name
     try:
         mode = path.lstat().st_mode
@@ -79,6 +81,28 @@ def list_entries(spool_dir: Path) -> list[Entry]:
         if entry is not None:
             entries.append(entry)
     return entries
+
+
+def unqueued(
+    spool_dir: Path, known: AbstractSet[str], settle_seconds: float, now: float
+) -> tuple[int, int]:
+    """Spool entries not queued yet: (finished, still settling), as `status` reports them."""
+    finished = settling = 0
+    try:
+        entries = list_entries(spool_dir)
+    except OSError:
+        return 0, 0
+    for entry in entries:
+        if entry.episode_id in known:
+            continue
+        changed = last_change(entry)
+        if changed is None:
+            continue
+        if changed + settle_seconds <= now:
+            finished += 1
+        else:
+            settling += 1
+    return finished, settling
 
 
 def last_change(entry: Entry) -> float | None:

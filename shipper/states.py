@@ -12,7 +12,7 @@ from pathlib import Path
 
 from shipper.spool import Kind
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS episodes (
@@ -32,7 +32,9 @@ CREATE TABLE IF NOT EXISTS episodes (
     discovered_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     shipped_at REAL,
-    local_deleted_at REAL
+    local_deleted_at REAL,
+    manifest TEXT,
+    changed_files TEXT
 );
 CREATE INDEX IF NOT EXISTS episodes_by_state ON episodes (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS episodes_by_commit ON episodes (commit_id);
@@ -50,6 +52,13 @@ CREATE TABLE IF NOT EXISTS receiver (
     updated_at REAL NOT NULL
 );
 """
+
+
+# From each older version to this one, run after SCHEMA (which creates only what is missing).
+MIGRATIONS = {
+    1: "ALTER TABLE episodes ADD COLUMN manifest TEXT;"
+    " ALTER TABLE episodes ADD COLUMN changed_files TEXT;",
+}
 
 
 class State(StrEnum):
@@ -83,6 +92,8 @@ class Episode:
     updated_at: float
     shipped_at: float | None
     local_deleted_at: float | None
+    manifest: str | None = None  # what the packer saw (shipper.changes), directories only
+    changed_files: str | None = None  # set when the directory changed after packing
 
     @property
     def prepared(self) -> bool:
@@ -109,6 +120,8 @@ class Episode:
             updated_at=row["updated_at"],
             shipped_at=row["shipped_at"],
             local_deleted_at=row["local_deleted_at"],
+            manifest=row["manifest"],
+            changed_files=row["changed_files"],
         )
 
 

@@ -63,7 +63,7 @@ class ReceiverClient:
     def _episode_url(self, episode_id: str) -> str:
         return f"{self.base_url}/episodes/{quote(self.host_id)}/{quote(episode_id)}"
 
-    async def _send(self, request: httpx.Request) -> Reply:
+    async def _send(self, request: httpx.Request, sent: _BodyProgress | None = None) -> Reply:
         try:
             response = await self.http.send(request, stream=True)
             try:
@@ -74,18 +74,28 @@ class ReceiverClient:
                         break
             finally:
                 await response.aclose()
-        except httpx.TimeoutException as error:
-            raise ReceiverUnreachable(f"timeout: {type(error).__name__}") from error
         except httpx.HTTPError as error:
-            # Transport errors, and answers httpx cannot decode: either way no usable reply.
-            reason = str(error) or type(error).__name__
-            raise ReceiverUnreachable(f"{type(error).__name__}: {reason}") from error
+            raise ReceiverUnreachable(_why(error, sent)) from error
         headers = {key.lower(): value for key, value in response.headers.items()}
         return Reply(response.status_code, headers, body[:MAX_BODY])
 
     async def head(self, episode_id: str, commit: str) -> Reply:
         request = self.http.build_request(
             "HEAD", self._episode_url(episode_id), headers={self.commit_header: commit}
+        )
+        return await self._send(request)
+
+    def set_token(self, token: str | None) -> None:
+        """Use another bearer token from the next request on (token_file was re-read)."""
+        if token:
+            self.http.headers["Authorization"] = f"Bearer {token}"
+        else:
+            self.http.headers.pop("Authorization", None)
+
+    async def refusal(self, episode_id: str, commit: str) -> Reply:
+        """GET of the episode URL: HEAD's answer with a body (the reason for a 401/403)."""
+        request = self.http.build_request(
+            "GET", self._episode_url(episode_id), headers={self.commit_header: commit}
         )
         return await self._send(request)
 
@@ -109,17 +119,51 @@ class ReceiverClient:
             "Content-Length": str(size),
             "Content-Digest": content_digest(sha256),
         }
+        body = _BodyProgress(size, on_progress)
         request = self.http.build_request(
             "PUT",
             self._episode_url(episode_id),
             headers=headers,
-            content=_read_chunks(path, size, on_progress),
+            content=_read_chunks(path, size, body.advance),
         )
-        return await self._send(request)
+        return await self._send(request, body)
+
+
+class _BodyProgress:
+    """Bytes of a PUT body handed to httpx so far, so a failure can say how far it got."""
+
+    def __init__(self, size: int, on_progress: Callable[[int], None] | None) -> None:
+        self.size = size
+        self.sent = 0
+        self.on_progress = on_progress
+
+    def advance(self, count: int) -> None:
+        self.sent += count
+        if self.on_progress is not None:
+            self.on_progress(count)
+
+
+def _why(error: httpx.HTTPError, body: _BodyProgress | None) -> str:
+    """One line on what went wrong, in the words of someone watching the wire."""
+    kind = type(error).__name__
+    detail = str(error)
+    detail = f"{kind}: {detail}" if detail and detail != kind else kind
+    if isinstance(error, httpx.ConnectError | httpx.ConnectTimeout):
+        return f"cannot connect ({detail})"
+    if isinstance(error, httpx.TimeoutException):
+        where = "" if body is None else f" after {body.sent} of {body.size} bytes"
+        return f"no progress within request_timeout_seconds{where} ({kind})"
+    if body is not None and isinstance(error, httpx.TransportError):
+        closed = "connection closed by the receiver after"
+        if body.sent < body.size:
+            return f"{closed} {body.sent} of {body.size} bytes ({kind})"
+        return f"{closed} the whole body ({body.size} bytes), before an answer ({kind})"
+    # Other transport errors, and answers httpx cannot decode: no usable reply either way.
+    return detail
 
 
 async def _read_chunks(
-    path: Path, size: int, on_progress: Callable[[int], None] | None
+    path: Path, size: int, on_progress: Callable[[int], None]
 ) -> AsyncIterator[bytes]:
     # Reads happen in a worker thread so a slow disk never stalls the event loop.
     handle = await asyncio.to_thread(open, path, "rb")
@@ -131,8 +175,7 @@ async def _read_chunks(
                 # Raised through httpx, so the request is aborted, not sent short.
                 raise LocalFileChanged(f"{path.name} shrank since it was hashed")
             remaining -= len(chunk)
-            if on_progress is not None:
-                on_progress(len(chunk))
+            on_progress(len(chunk))
             yield chunk
     finally:
         handle.close()

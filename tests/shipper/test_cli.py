@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,10 @@ import tomli_w
 from shipper.cli import main
 from shipper.config import load_config
 from shipper.queue import Queue
+from shipper.spool import Kind
 from shipper.states import State
-from tests.shipper.conftest import OLD, REMEDIATION, write_episode
+from tests.shipper.conftest import GOOD, OLD, REMEDIATION, write_episode
+from tests.shipper.processes import ShipperProcess, wait_for
 from tests.support import PROJECT_ROOT, free_port
 
 
@@ -210,3 +214,125 @@ def test_python_dash_m_shipper_is_the_cli() -> None:
         check=False,
     )
     assert result.returncode == 0 and result.stdout.startswith("episode-shipper ")
+
+
+def test_the_file_watchers_chatter_is_kept_out_of_the_daemons_log(tmp_path: Path) -> None:
+    # watchfiles logs "N changes detected" at INFO for every batch of file events.
+    shipper = ShipperProcess(write_config(tmp_path, rescan_seconds=60)).start()
+    try:
+        wait_for(lambda: "run: host lab-01" in shipper.log(), 10, "the daemon to start")
+        producing = tmp_path / "spool" / "ep-1"
+        producing.mkdir()
+        for n in range(8):
+            (producing / f"frame-{n}.bin").write_bytes(b"x" * 1000)
+            time.sleep(0.1)
+        time.sleep(0.6)  # watchfiles' debounce is 400 ms
+    finally:
+        assert shipper.stop() == 0
+    assert "watching" not in shipper.log()  # the watcher ran (it did not fail)
+    assert "changes detected" not in shipper.log() and "change detected" not in shipper.log()
+
+
+def park(tmp_path: Path, episode_id: str, commit: str, reason: str = "HTTP 412") -> None:
+    queue = Queue.open(tmp_path / "state")
+    queue.add(episode_id, tmp_path / "spool" / episode_id, Kind.DIRECTORY)
+    queue.start_packing(episode_id)
+    queue.set_commit(episode_id, commit)
+    queue.fatal(episode_id, reason)
+    queue.refuse_commit(commit, reason, REMEDIATION)
+    queue.close()
+
+
+def states(tmp_path: Path) -> dict[str, State]:
+    queue = Queue.open(tmp_path / "state")
+    try:
+        return {e.episode_id: e.state for e in queue.unshipped()}
+    finally:
+        queue.close()
+
+
+def test_retry_with_ids_requeues_only_those_and_names_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path)
+    park(tmp_path, "ep-1", OLD)
+    park(tmp_path, "ep-2", OLD)
+    park(tmp_path, "ep-3", GOOD)
+    assert run_cli("retry", "--config", str(path), "ep-1", "ep-9") == 1
+    out, err = capsys.readouterr()
+    assert "re-queued 1 fatal episode" in out and "ep-9: not re-queued (not in the queue)" in err
+    assert states(tmp_path) == {"ep-1": State.PENDING, "ep-2": State.FATAL, "ep-3": State.FATAL}
+    queue = Queue.open(tmp_path / "state")
+    # ep-1's commit is asked again (else it would be parked at once); ep-3's stays refused.
+    assert [r.commit for r in queue.refusals()] == [GOOD]
+    queue.close()
+
+
+def test_retry_with_a_commit_requeues_the_episodes_refused_for_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path)
+    park(tmp_path, "ep-1", OLD)
+    park(tmp_path, "ep-2", OLD)
+    park(tmp_path, "ep-3", GOOD)
+    assert run_cli("retry", "--config", str(path), "--commit", OLD.upper()) == 0
+    assert "re-queued 2 fatal episode" in capsys.readouterr().out
+    assert states(tmp_path) == {"ep-1": State.PENDING, "ep-2": State.PENDING, "ep-3": State.FATAL}
+    assert run_cli("retry", "--config", str(path), "--commit", "abc") == 2
+    assert "--commit 'abc': must be 40 or 64 hex digits" in capsys.readouterr().err
+
+
+def test_the_retry_hint_names_the_config_file_in_use(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    write_config(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    write_episode(tmp_path / "spool", "ep-1", commit=None)
+    with caplog.at_level(logging.INFO, logger="shipper"):
+        assert run_cli("once", "--config", "shipper.toml") == 3
+    full = tmp_path.resolve() / "shipper.toml"
+    assert f"episode-shipper retry --config {full} [ID...]" in caplog.text
+    assert run_cli("status", "--config", "shipper.toml") == 0
+    assert f"episode-shipper retry --config {full} [ID...]" in capsys.readouterr().out
+
+
+def test_status_says_no_daemon_runs_and_counts_finished_entries_not_queued(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path, settle_seconds=0.5)
+    write_episode(tmp_path / "spool", "ep-old")
+    time.sleep(0.6)  # ep-old has settled (ctime counts, and only mtime can be backdated)
+    (tmp_path / "spool" / "ep-new").mkdir()
+    (tmp_path / "spool" / "ep-new" / "meta.json").write_text("{}")  # written just now
+    assert run_cli("status", "--config", str(path)) == 0
+    text = capsys.readouterr().out
+    assert "daemon: not running" in text and f"run --config {path.resolve()}" in text
+    assert "spool: 1 finished entry(ies) not queued yet, 1 still settling" in text
+    assert "nothing waiting" not in text
+    assert run_cli("status", "--config", str(path), "--json") == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["daemon"]["running"] is False
+    assert document["spool"] == {"finished_not_queued": 1, "settling": 1}
+
+
+def test_status_says_the_daemon_runs_with_its_pid_and_since_when(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(tmp_path)
+    shipper = ShipperProcess(path).start()
+    try:
+        wait_for(lambda: "run: host lab-01" in shipper.log(), 10, "the daemon to start")
+        assert run_cli("status", "--config", str(path), "--json") == 0
+        daemon = json.loads(capsys.readouterr().out)["daemon"]
+        assert run_cli("status", "--config", str(path)) == 0
+        text = capsys.readouterr().out
+    finally:
+        assert shipper.stop() == 0
+    assert shipper.proc is not None
+    assert daemon["running"] is True and daemon["pid"] == shipper.proc.pid
+    assert daemon["mode"] == "run" and daemon["since"] is not None
+    assert f"daemon: running (run, pid {shipper.proc.pid}) since {daemon['since']}" in text
+    assert "nothing waiting: every episode in the queue and the spool is shipped" in text

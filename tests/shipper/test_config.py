@@ -127,3 +127,33 @@ def test_invalid_shipper_configs_name_the_key(tmp_path: Path, text: str, key: st
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text))
     assert caught.value.key == key
+
+
+def test_a_receiver_url_without_its_scheme_says_what_it_must_start_with(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_mapping(base(receiver_url="receiver.lab:8080"), "x.toml", tmp_path)
+    assert caught.value.key == "receiver_url"
+    assert caught.value.problem == (
+        "must start with http:// or https:// and name a host, got 'receiver.lab:8080'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (MINIMAL + "[retension]\ndelete_after_days = 1\n", "did you mean 'retention'?"),
+        (MINIMAL + "[retry]\nmax_second = 1\n", "retry.max_second: unknown key; did you mean"),
+        (MINIMAL + "setle_seconds = 1\n", "did you mean 'settle_seconds'?"),
+    ],
+)
+def test_an_unknown_key_or_section_suggests_the_closest_known_one(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write(tmp_path, text))
+
+
+def test_an_unknown_key_far_from_every_known_one_suggests_nothing(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, MINIMAL + "[versiongate]\nwindow = 5\n"))
+    assert caught.value.problem == "unknown key"

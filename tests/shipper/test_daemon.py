@@ -7,6 +7,7 @@ import base64
 import hashlib
 import io
 import logging
+import re
 import tarfile
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from shipper.backoff import ReceiverHealth
 from shipper.daemon import Daemon
 from shipper.queue import Queue
+from shipper.report import render_text, status_document
 from shipper.states import State
 from shipper.upload import ReceiverClient
 from tests.shipper.conftest import (
@@ -137,8 +139,6 @@ def test_a_412_answer_to_put_also_parks_the_commit(tmp_path: Path) -> None:
     ("status", "code"),
     [
         (400, "invalid-tarball"),
-        (401, "unauthorized"),
-        (403, "forbidden"),
         (409, "conflict"),
         (413, "too-large"),
     ],
@@ -362,3 +362,81 @@ def test_an_unexpected_error_in_an_upload_is_retried_not_left_in_flight(tmp_path
     episode = ship_once(config, receiver).episodes["ep-1"]
     assert episode.state is State.RETRY_WAIT
     assert "bug in a transport" in str(episode.last_error)
+
+
+def test_a_failed_upload_logs_what_happened_and_when_it_is_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def drop(request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        raise httpx.RemoteProtocolError("Server disconnected", request=request)
+
+    config = make_config(tmp_path, retry={"base_seconds": 30, "max_seconds": 30})
+    write_episode(config.spool_dir, "ep-1")
+    receiver = FakeReceiver(script=[httpx.Response(404), drop])
+    with caplog.at_level(logging.WARNING, logger="shipper"):
+        assert ship_once(config, receiver).counts["retry-wait"] == 1
+    (line,) = [r.getMessage() for r in caplog.records if "receiver unavailable" in r.getMessage()]
+    assert line.startswith(
+        "ep-1: receiver unavailable: connection closed by the receiver after the whole body"
+    )
+    assert re.search(r"1 consecutive failure\(s\), retry in \d+ s$", line), line
+
+
+def test_an_episode_parked_for_a_commit_refused_earlier_keeps_its_commit(
+    tmp_path: Path, receiver: FakeReceiver
+) -> None:
+    config = make_config(tmp_path)
+    queue = Queue.open(config.state_dir)
+    queue.refuse_commit(OLD, "HTTP 412 stale-commit", REMEDIATION)
+    queue.close()
+    write_episode(config.spool_dir, "ep-1", OLD)
+    episode = ship_once(config, receiver).episodes["ep-1"]
+    assert episode.state is State.FATAL and episode.commit == OLD
+    assert receiver.requests == []
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_token_holds_every_episode_and_is_logged_at_error_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, status: int
+) -> None:
+    refusal = httpx.Response(status, json={"error": "unauthorized", "detail": "unknown token"})
+    receiver = FakeReceiver(script=[httpx.Response(404), refusal])
+    config = make_config(tmp_path, token_file="token", retry={"base_seconds": 1, "max_seconds": 9})
+    (tmp_path / "token").write_text("old-token\n")
+    write_episode(config.spool_dir, "ep-1")
+    write_episode(config.spool_dir, "ep-2")
+    with caplog.at_level(logging.INFO, logger="shipper"):
+        result = ship_once(config, receiver)
+    # The other episode waits for the slow probe: the token is the host's, not the episode's.
+    assert result.counts["retry-wait"] == 1 and result.counts["pending"] == 1
+    assert result.counts["fatal"] == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"HTTP {status} unauthorized: unknown token" in errors[0]
+    episode = result.episodes["ep-1"]
+    assert str(episode.last_error).startswith("held: HTTP") and episode.attempts == 1
+    assert episode.next_attempt_at - episode.updated_at == pytest.approx(9, abs=1)
+
+
+def test_a_directory_that_changed_after_packing_is_kept_reported_and_shown(
+    tmp_path: Path, receiver: FakeReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(tmp_path, retention={"delete_after_days": 1})
+    source = write_episode(config.spool_dir, "ep-1", files={"a.bin": b"a", "b.bin": b"b"})
+    write_episode(config.spool_dir, "ep-2")
+    assert ship_once(config, receiver).counts["shipped"] == 2
+    (source / "late.bin").write_bytes(b"written after the pause")
+    (source / "b.bin").write_bytes(b"bb")
+    config = make_config(tmp_path, retention={"delete_after_days": 0})
+    with caplog.at_level(logging.WARNING, logger="shipper"):
+        ship_once(config, receiver)
+    assert (source / "late.bin").exists() and not (config.spool_dir / "ep-2").exists()
+    (warning,) = [r.getMessage() for r in caplog.records if "after it was packed" in r.getMessage()]
+    assert warning.startswith(f"ep-1: {source} changed after it was packed (b.bin, late.bin)")
+    queue = Queue.open(config.state_dir)
+    document = status_document(config, queue)
+    queue.close()
+    assert document["changed_after_packing"] == [
+        {"episode_id": "ep-1", "source": str(source), "files": "b.bin, late.bin"}
+    ]
+    assert "changed after packing (kept, never deleted" in render_text(document)

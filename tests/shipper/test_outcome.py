@@ -15,6 +15,7 @@ from shipper.outcome import (
     classify_gate,
     classify_head,
     classify_put,
+    classify_refusal,
     content_digest,
     decode_body,
     sha256_from_digest_header,
@@ -97,8 +98,6 @@ def test_put_400_digest_mismatch_asks_for_a_rehash() -> None:
         (400, "invalid-digest"),
         (400, "commit-mismatch"),
         (400, "malformed-commit"),
-        (401, "unauthorized"),
-        (403, "forbidden"),
         (409, "conflict"),
         (413, "too-large"),
     ],
@@ -153,9 +152,25 @@ def test_head_412_is_stale_before_any_body_is_sent() -> None:
     assert classify_head(reply(412), SHA).verdict is Verdict.STALE
 
 
-@pytest.mark.parametrize("status", [401, 403, 400])
-def test_head_auth_and_commit_refusals_are_fatal(status: int) -> None:
-    assert classify_head(reply(status), SHA).verdict is Verdict.FATAL
+def test_head_commit_refusal_400_is_fatal() -> None:
+    assert classify_head(reply(400), SHA).verdict is Verdict.FATAL
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_auth_refusals_are_held_not_fatal(status: int) -> None:
+    assert classify_head(reply(status), SHA).verdict is Verdict.HELD
+    put = classify_put(reply(status, {"error": "unauthorized", "detail": "unknown token"}), SHA)
+    assert put.verdict is Verdict.HELD and put.reason.endswith("unauthorized: unknown token")
+
+
+def test_the_get_body_supplies_the_reason_for_a_bodiless_head_401() -> None:
+    head = classify_head(reply(401), SHA)
+    body = {"error": "unauthorized", "detail": "unknown token"}
+    outcome = classify_refusal(reply(401, body), head)
+    assert outcome.verdict is Verdict.HELD
+    assert outcome.reason == "HTTP 401 unauthorized: unknown token"
+    # A receiver without that GET (405): the HEAD's answer stands.
+    assert classify_refusal(reply(405), head) == head
 
 
 @pytest.mark.parametrize("status", [429, 500, 503, 507])

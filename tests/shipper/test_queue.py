@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from shipper import states
 from shipper.queue import Queue
 from shipper.spool import Kind
 from shipper.states import State
@@ -129,7 +130,7 @@ def test_retry_requeues_fatal_episodes_and_forgets_refusals(queue: Queue) -> Non
     add_prepared(queue, "ep-1", OLD)
     queue.refuse_commit(OLD, "HTTP 412 stale-commit", "git pull\n")
     queue.add("ep-2", Path("/spool/ep-2"), Kind.DIRECTORY, error="meta.json: not valid JSON")
-    assert queue.retry_fatal() == 2
+    assert len(queue.retry_fatal()) == 2
     assert queue.refusal(OLD) is None and queue.refusals() == []
     for episode_id in ("ep-1", "ep-2"):
         episode = queue.get(episode_id)
@@ -193,3 +194,18 @@ def test_every_acknowledged_change_survives_kill_9(tmp_path: Path) -> None:
             assert episode is not None and episode.state is State.PACKING
         assert queue.recover() >= len(acknowledged)
         queue.close()
+
+
+def test_a_version_1_queue_is_upgraded_in_place(tmp_path: Path) -> None:
+    old_schema = states.SCHEMA.replace(",\n    manifest TEXT,\n    changed_files TEXT", "")
+    conn = states.connect(tmp_path / "queue.db")
+    conn.executescript(f"{old_schema}; PRAGMA user_version = 1;")
+    conn.execute(
+        "INSERT INTO episodes (episode_id, source, kind, state, discovered_at, updated_at)"
+        " VALUES ('ep-1', '/spool/ep-1', 'dir', 'shipped', 0, 0)"
+    )
+    queue = Queue(conn)
+    episode = queue.get("ep-1")
+    assert episode is not None and episode.manifest is None and episode.changed_files is None
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == states.SCHEMA_VERSION
+    queue.close()

@@ -145,3 +145,11 @@ def test_a_tarball_of_two_top_level_directories_is_reported(tmp_path: Path) -> N
     path = pack_with_system_tar(tmp_path, ["ep-1", "ep-2"], "both")
     with pytest.raises(BadEpisode, match="several top-level entries"):
         read_commit(Entry("both", path, Kind.TARBALL))
+
+
+def test_names_being_written_are_never_picked_up(tmp_path: Path) -> None:
+    for name in (".ep-1", "ep-2.tmp", "ep-3.partial"):
+        write_episode(tmp_path, name)
+    (tmp_path / "ep-4.tar.zst.partial").write_bytes(b"")
+    write_episode(tmp_path, "ep-5")
+    assert [entry.episode_id for entry in list_entries(tmp_path)] == ["ep-5"]
