@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support import free_port, make_repo
+from tests.support import end_process_group, free_port, make_repo
 
 
 def test_dev_config_starts_a_receiver_that_answers_healthz(tmp_path: Path) -> None:
@@ -27,6 +27,7 @@ def test_dev_config_starts_a_receiver_that_answers_healthz(tmp_path: Path) -> No
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ},
+        start_new_session=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -46,8 +47,11 @@ def test_dev_config_starts_a_receiver_that_answers_healthz(tmp_path: Path) -> No
         assert url in (tmp_path / "run.log").read_text()
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
-        log.close()
+        try:
+            assert proc.wait(20) == 0
+        finally:
+            end_process_group(proc)
+            log.close()
 
 
 def test_makefile_run_target_uses_the_dev_config() -> None:
