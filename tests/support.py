@@ -11,7 +11,8 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,44 @@ def end_process_group(proc: subprocess.Popen[bytes]) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
+
+
+@contextmanager
+def dev_receiver(checkout: Path, log_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`episode-receiver serve --dev` run in `checkout` as `make run` runs it; yields
+    (process, url) once /healthz answers, and stops it with SIGTERM at the end."""
+    url = f"http://127.0.0.1:{free_port()}"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "receiver", "serve", "--dev", "--port", url.rsplit(":", 1)[1]],
+            cwd=checkout,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait_healthy(proc, url, log_path)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        finally:
+            end_process_group(proc)
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log_path.read_text()
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"no /healthz from {url}:\n{log_path.read_text()}")
 
 
 SESSION_ENV = "EPISODE_INGEST_TEST_SESSION"
