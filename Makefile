@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8080
 
-.PHONY: run test lint typecheck pytest soak bench clean
+.PHONY: run test system-packages lint typecheck pytest soak bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/episode-receiver serve --dev --port $(PORT)
 
-## test: set up, then lint, type-check and run the test suite
-test: $(STAMP) lint typecheck pytest
+## test: install missing system packages, set up, then lint, type-check and run the tests
+# Prerequisites run left to right: the system packages (python3-venv among them) first.
+test: system-packages $(STAMP) lint typecheck pytest
+
+## system-packages: the Debian packages the tests need (chromium, zstd, ...), if missing
+system-packages:
+	PYTHON=$(PYTHON) scripts/setup-system.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

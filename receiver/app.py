@@ -340,9 +340,3 @@ def create_app(config: ReceiverConfig) -> Starlette:
     # A path that matches no route is an error, not a redirect to a look-alike.
     app.router.redirect_slashes = False
     return app
-
-
-def app_from_environment() -> Starlette:
-    from receiver.server import config_from_environment
-
-    return create_app(config_from_environment())

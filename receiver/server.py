@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import msgspec
 import uvicorn
@@ -19,6 +20,10 @@ from episode_common.config_loading import decode_hook, encode_hook
 from receiver.config import ReceiverConfig
 from receiver.http_protocol import protocol_class
 from receiver.recovery import recover, take_instance_lock
+from receiver.supervision import follow_supervisor, mark_supervisor
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +33,16 @@ CONFIG_ENV = "EPISODE_RECEIVER_CONFIG_JSON"
 def config_from_environment() -> ReceiverConfig:
     """Workers started by uvicorn's supervisor get the parent's resolved config this way."""
     return msgspec.json.decode(os.environ[CONFIG_ENV], type=ReceiverConfig, dec_hook=decode_hook)
+
+
+def app_factory() -> Starlette:
+    """uvicorn's app factory, run in every worker: first tie the worker to its supervisor."""
+    # Imported here: the CLI's other commands and the supervisor never build the app.
+    from receiver.app import create_app
+
+    config = config_from_environment()
+    follow_supervisor(config.server.shutdown_grace_seconds)
+    return create_app(config)
 
 
 def _note_signal(signum: int, frame: FrameType | None) -> None:
@@ -57,8 +72,9 @@ def _serve(config: ReceiverConfig, log_level: str) -> int:
         "on" if config.version_gate.enabled else "OFF",
     )
     os.environ[CONFIG_ENV] = msgspec.json.encode(config, enc_hook=encode_hook).decode()
+    mark_supervisor(server.workers)
     uvicorn_config = uvicorn.Config(
-        "receiver.app:app_from_environment",
+        "receiver.server:app_factory",
         factory=True,
         host=server.host,
         port=server.port,

@@ -2,13 +2,50 @@
 
 from __future__ import annotations
 
+import os
+import time
+import uuid
 from collections.abc import Callable, Iterator
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import ReceiverProcess, make_repo, receiver_config, write_toml
+from tests.support import (
+    SESSION_ENV,
+    ReceiverProcess,
+    make_repo,
+    processes_with_env,
+    receiver_config,
+    write_toml,
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Set before any test starts a process, so every one of them carries it.
+    os.environ[SESSION_ENV] = uuid.uuid4().hex
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_suite() -> Iterator[None]:
+    """After the last test, no process the suite started is still running."""
+    yield
+    session = os.environ[SESSION_ENV]
+    # multiprocessing's resource tracker, if a test started it here, belongs to this
+    # process and ends with it (at EOF on its pipe).
+    tracker: int | None = getattr(resource_tracker._resource_tracker, "_pid", None)
+
+    def leftovers() -> dict[int, str]:
+        found = processes_with_env(SESSION_ENV, session)
+        if tracker is not None:
+            found.pop(tracker, None)
+        return found
+
+    deadline = time.monotonic() + 10  # time for graceful stops still under way
+    while (left := leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"processes started by the test suite are still running: {left}"
 
 
 @pytest.fixture
@@ -38,5 +75,5 @@ def start_receiver(tmp_path: Path) -> Iterator[StartReceiver]:
 
     yield start
     for process in started:
-        if process.proc is not None and process.proc.poll() is None:
-            process.kill()
+        if process.proc is not None:
+            process.kill()  # the whole process group, workers included

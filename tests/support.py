@@ -11,7 +11,8 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,8 @@ class ReceiverProcess:
             stderr=subprocess.STDOUT,
             env=self.env,
             cwd=PROJECT_ROOT,
+            # Its own process group, so teardown can end the workers with the main process.
+            start_new_session=True,
         )
         log.close()
         if wait:
@@ -147,22 +150,93 @@ class ReceiverProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM and wait; returns the exit code."""
+        """SIGTERM the main process (a graceful stop) and wait; returns its exit code."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
+        finally:
+            end_process_group(self.proc)
 
     def kill(self) -> None:
+        """SIGKILL the main process and every worker (its whole process group)."""
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
+        end_process_group(self.proc)
+
+
+def end_process_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the group a `start_new_session=True` child leads, and reap the child.
+
+    The group outlives its leader while any member lives, so this also ends workers
+    whose main process has already exited.
+    """
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+@contextmanager
+def dev_receiver(checkout: Path, log_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`episode-receiver serve --dev` run in `checkout` as `make run` runs it; yields
+    (process, url) once /healthz answers, and stops it with SIGTERM at the end."""
+    url = f"http://127.0.0.1:{free_port()}"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "receiver", "serve", "--dev", "--port", url.rsplit(":", 1)[1]],
+            cwd=checkout,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait_healthy(proc, url, log_path)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        finally:
+            end_process_group(proc)
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log_path.read_text()
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"no /healthz from {url}:\n{log_path.read_text()}")
+
+
+SESSION_ENV = "EPISODE_INGEST_TEST_SESSION"
+
+
+def processes_with_env(name: str, value: str) -> dict[int, str]:
+    """pid -> command line of every process (but this one) started with name=value.
+
+    Every child inherits the test session's environment, so this finds what the suite
+    started even after it was re-parented. Reads /proc (Linux).
+    """
+    found: dict[int, str] = {}
+    marker = f"{name}={value}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue  # exited while we looked, or not ours to read
+    return found
 
 
 def make_tarball(

@@ -2,57 +2,30 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 
-from tests.support import free_port, make_repo
+from tests.support import dev_receiver, make_repo
 
 
 def test_dev_config_starts_a_receiver_that_answers_healthz(tmp_path: Path) -> None:
     # The same command `make run` runs, in a fresh git checkout with no ./var yet.
     checkout = tmp_path / "checkout"
     make_repo(checkout, commits=2)
-    port = free_port()
-    log = (tmp_path / "run.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "receiver", "serve", "--dev", "--port", str(port)],
-        cwd=checkout,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ},
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        body = None
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and body is None:
-            assert proc.poll() is None, (tmp_path / "run.log").read_text()
-            try:
-                response = httpx.get(f"{url}/healthz", timeout=1)
-                if response.status_code == 200:
-                    body = response.json()
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        assert body is not None, (tmp_path / "run.log").read_text()
+    log = tmp_path / "run.log"
+    with dev_receiver(checkout, log) as (proc, url):
+        body = httpx.get(f"{url}/healthz", timeout=5).json()
         assert body["status"] == "ok"
         assert (checkout / "var").is_dir()
-        assert url in (tmp_path / "run.log").read_text()
+        assert url in log.read_text()
         # The refusal names the checkout being served, not a placeholder.
         unknown = httpx.get(f"{url}/gate/{'0' * 40}", timeout=10)
         assert (unknown.status_code, unknown.json()["error"]) == (412, "unknown-commit")
         assert f"git -C {checkout.resolve()} " in unknown.json()["remediation"]
         assert "/path/to" not in unknown.json()["remediation"]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
-        log.close()
+    assert proc.returncode == 0, log.read_text()
 
 
 def test_makefile_run_target_uses_the_dev_config() -> None:

@@ -1,7 +1,7 @@
 """The status page in a real headless Chromium, loaded from a live receiver that has stored
 uploads from two hosts and refused a stale one from a third; assertions are on the text a
-person sees. Chromium (Debian packages chromium, fonts-dejavu-core) is installed by .ci/run;
-without it this test fails, it does not skip.
+person sees. Chromium (Debian packages chromium, fonts-dejavu-core) is installed by `make
+test` (scripts/setup-system.sh); without it this test fails, it does not skip.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def chromium() -> str:
             return found
     pytest.fail(
         "chromium is not installed; the status page is tested in a real browser. "
-        "Install it with: apt-get install -y chromium fonts-dejavu-core (.ci/run does this)"
+        "Install it with scripts/setup-system.sh (make test runs it)"
     )
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.support import PROJECT_ROOT, write_toml
+from tests.support import PROJECT_ROOT, end_process_group, write_toml
 
 
 def shipper_config(tmp_path: Path, receiver_url: str, **overrides: Any) -> Path:
@@ -63,19 +63,23 @@ class ShipperProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=PROJECT_ROOT,
+                start_new_session=True,
             )
         return self
 
     def kill(self) -> None:
+        """SIGKILL the shipper and anything it started (its process group)."""
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
+        end_process_group(self.proc)
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM and wait; returns the exit code."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            end_process_group(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
