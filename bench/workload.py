@@ -13,7 +13,7 @@ import os
 import tarfile
 from pathlib import Path
 
-from receiver.index import encode_row, new_row
+from receiver.storage.rows import encode_row, new_row
 
 try:
     from compression import zstd  # type: ignore[import-not-found,unused-ignore]

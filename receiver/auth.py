@@ -32,8 +32,9 @@ import tomli_w
 
 from episode_common.config_loading import ConfigError
 from episode_common.durable import atomic_write
+from episode_common.wire import is_valid_id
 from receiver.errors import Forbidden, InvalidId, Unauthorized
-from receiver.ids import ID_PATTERN, check_id
+from receiver.ids import check_id
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,7 @@ def _parse(data: dict[str, object], source: str) -> dict[str, HostToken]:
     owners: dict[str, str] = {}
     for host_id, entry in hosts.items():
         where = f"hosts.{host_id}"
-        if not ID_PATTERN.fullmatch(host_id):
+        if not is_valid_id(host_id):
             raise ConfigError(source, where, "not a valid host id")
         if not isinstance(entry, dict):
             raise ConfigError(source, where, "expected a table with sha256 and created_at")

@@ -73,9 +73,12 @@ class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True):
     shutdown_grace_seconds: Annotated[float, Meta(ge=0)] = 30.0
 
 
-class StorageConfig(Struct, frozen=True, forbid_unknown_fields=True):
+class FilesystemStorageConfig(
+    Struct, frozen=True, forbid_unknown_fields=True, tag_field="type", tag="filesystem"
+):
+    """[storage] type = "filesystem": tarballs under data_dir/episodes."""
+
     data_dir: Path
-    type: Literal["filesystem"] = "filesystem"
     max_upload_bytes: PositiveInt = 64 * GiB
     min_free_bytes: NonNegativeInt = 1 * GiB
     validate: Literal["none", "zstd", "tar"] = "tar"
@@ -85,8 +88,17 @@ class StorageConfig(Struct, frozen=True, forbid_unknown_fields=True):
     max_members: PositiveInt = 1_000_000
 
 
-class IndexConfig(Struct, frozen=True, forbid_unknown_fields=True):
-    type: Literal["jsonl"] = "jsonl"
+# Each backend's keys are their own struct, tagged by `type` (a union once there are two).
+StorageConfig = FilesystemStorageConfig
+
+
+class JsonlIndexConfig(
+    Struct, frozen=True, forbid_unknown_fields=True, tag_field="type", tag="jsonl"
+):
+    """[index] type = "jsonl": index.jsonl in data_dir, the record, with a view beside it."""
+
+
+IndexConfig = JsonlIndexConfig
 
 
 class GateConfig(Struct, frozen=True, forbid_unknown_fields=True):

@@ -75,11 +75,6 @@ class Forbidden(IngestError):
     code = "forbidden"
 
 
-class NotFound(IngestError):
-    status_code = 404
-    code = "not-found"
-
-
 class BodyTimeout(IngestError):
     status_code = 408
     code = "body-timeout"
@@ -130,15 +125,6 @@ class ServerBusy(IngestError):
     code = "server-busy"
 
 
-class ShuttingDown(IngestError):
-    status_code = 503
-    code = "shutting-down"
-
-
 class InsufficientStorage(IngestError):
     status_code = 507
     code = "insufficient-storage"
-
-
-class ClientGone(Exception):
-    """The client disconnected or sent a short body; there is nobody to answer."""

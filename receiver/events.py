@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 # The host of every request that failed authentication: the name it claimed is not
 # trusted, so it never becomes a metric label or a status-page entry.
@@ -22,7 +21,3 @@ class RequestEvent:
     commit: str | None  # lower-case commit when known (header or stored row)
     behind_by: int | None
     finished_at: float  # wall clock, time.time()
-
-
-class RequestObserver(Protocol):
-    def request_finished(self, event: RequestEvent) -> None: ...

@@ -16,7 +16,6 @@ from receiver.errors import (
     BodyTimeout,
     InsufficientStorage,
     ServerBusy,
-    ShuttingDown,
     TooManyUploadsFromHost,
 )
 
@@ -34,7 +33,6 @@ class UploadAdmission:
         self._per_host: Counter[str] = Counter()
         self._active = 0
         self.reserved_bytes = 0
-        self.shutting_down = False
 
     @property
     def active(self) -> int:
@@ -43,10 +41,6 @@ class UploadAdmission:
     @contextmanager
     def slot(self, host_id: str) -> Iterator[None]:
         """Hold one upload slot for host_id, or raise 503/429 at once."""
-        if self.shutting_down:
-            raise ShuttingDown(
-                "the receiver is shutting down", headers={"Retry-After": RETRY_AFTER_BUSY}
-            )
         # The host's own cap first: when it is the cause, 429 tells it so.
         if self._per_host[host_id] >= self.max_per_host:
             raise TooManyUploadsFromHost(
@@ -77,8 +71,11 @@ class UploadAdmission:
         return not self._active
 
     @contextmanager
-    def reservation(self, free_bytes: int, needed: int) -> Iterator[None]:
-        """Reserve `needed` bytes of free space for an upload, or raise 507."""
+    def reservation(self, free_bytes: int | None, needed: int) -> Iterator[None]:
+        """Reserve `needed` bytes of free space for an upload, or raise 507.
+
+        free_bytes is None for a store that is not a local disk: nothing to reserve.
+        """
         self.check_space(free_bytes, needed)
         self.reserved_bytes += needed
         try:
@@ -86,8 +83,10 @@ class UploadAdmission:
         finally:
             self.reserved_bytes -= needed
 
-    def check_space(self, free_bytes: int, needed: int, *, mine: int = 0) -> None:
+    def check_space(self, free_bytes: int | None, needed: int, *, mine: int = 0) -> None:
         """free space, less what other in-flight uploads reserved, must stay >= min_free."""
+        if free_bytes is None:
+            return
         others = self.reserved_bytes - mine
         if free_bytes - others - needed < self.min_free_bytes:
             raise InsufficientStorage(

@@ -1,26 +1,22 @@
-"""The body's path to disk: receive on the event loop, write and hash in a thread.
+"""The body's path into the blob store: receive on the event loop, write and hash in a thread.
 
-Chunks are gathered into batches of about 2 MiB; one batch is written (writev,
-no copy) and hashed in a worker thread while the event loop receives the next,
-so receiving and writing overlap and memory stays at about two batches per
-upload. The tar validator gets the same chunks in its own thread.
+Chunks are gathered into batches of about 2 MiB; one batch is written (by the store's
+writer, without a copy) and hashed in a worker thread while the event loop receives the
+next, so receiving and writing overlap and memory stays at about two batches per upload.
+The tar validator gets the same chunks in its own thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 
-from episode_common.durable import start_writeback
 from receiver.digests import BodyDigest, BodyHasher, DeclaredDigest
 from receiver.errors import TooLarge
+from receiver.storage import BlobWriter
 from receiver.tarcheck import StreamValidator, TarSummary
 
 BATCH_BYTES = 2 * 1024 * 1024
-# Start writeback of what was written every so often, so the final fsync has little left.
-WRITEBACK_BYTES = 16 * 1024 * 1024
-_IOV_MAX = 1024
 
 
 class BodySink:
@@ -31,13 +27,13 @@ class BodySink:
 
     def __init__(
         self,
-        fd: int | None,
+        writer: BlobWriter | None,
         validator: StreamValidator | None,
         max_bytes: int,
         free_space_check: Callable[[], None] | None = None,
         declared: DeclaredDigest | None = None,
     ) -> None:
-        self._fd = fd
+        self._writer = writer
         self._validator = validator
         self._max_bytes = max_bytes
         self._free_space_check = free_space_check
@@ -46,8 +42,6 @@ class BodySink:
         self._batch_bytes = 0
         self._pending: asyncio.Future[None] | None = None
         self.size = 0
-        self._written = 0  # touched only by the worker thread
-        self._synced_upto = 0
         self._next_space_check = 256 * 1024 * 1024
 
     async def write(self, chunk: bytes) -> None:
@@ -75,19 +69,14 @@ class BodySink:
 
     def _consume(self, batch: list[bytes]) -> None:
         """In a worker thread: write, hash, hand to the validator."""
-        if self._fd is not None:
-            for start in range(0, len(batch), _IOV_MAX):
-                write_all(self._fd, batch[start : start + _IOV_MAX])
+        if self._writer is not None:
+            self._writer.write(batch)
         for chunk in batch:
             self._hasher.update(chunk)
         validator = self._validator
         if validator is not None and validator.failed is None:
             for chunk in batch:
                 validator.feed(chunk)
-        self._written += sum(len(chunk) for chunk in batch)
-        if self._fd is not None and self._written - self._synced_upto >= WRITEBACK_BYTES:
-            start_writeback(self._fd, self._synced_upto, 0)
-            self._synced_upto = self._written
 
     def validation_failed(self) -> Exception | None:
         return None if self._validator is None else self._validator.failed
@@ -109,7 +98,7 @@ class BodySink:
         return self._hasher.digest()
 
     async def abort(self) -> None:
-        """Stop the thread work of a failed upload (the caller removes the temp file)."""
+        """Stop the thread work of a failed upload (the caller aborts the writer)."""
         if self._pending is not None:
             try:
                 await self._pending
@@ -118,15 +107,3 @@ class BodySink:
             self._pending = None
         if self._validator is not None:
             self._validator.abort()
-
-
-def write_all(fd: int, buffers: list[bytes]) -> None:
-    """Write every byte of buffers, in order (writev, then by hand after a short write)."""
-    total = sum(len(b) for b in buffers)
-    written = os.writev(fd, buffers)
-    if written == total:
-        return
-    # Short write (rare): finish byte by byte from where writev stopped.
-    remaining = memoryview(b"".join(buffers))[written:]
-    while remaining:
-        remaining = remaining[os.write(fd, remaining) :]

@@ -1,9 +1,9 @@
 """Start-up recovery, run once before any worker serves.
 
-Holds the data_dir's instance lock (one receiver per data_dir), checks the
-index (a corrupt middle line stops the start), cuts a torn last line, indexes
-tarballs that were installed but not yet indexed when the last run died, and
-removes every other leftover temp file.
+Holds the data_dir's instance lock (one receiver per data_dir), recovers the catalogue
+(a corrupt middle row stops the start, a torn last row is cut), indexes blobs that were
+committed but not yet indexed when the last run died, and lets the store drop every
+other leftover of an upload in progress.
 """
 
 from __future__ import annotations
@@ -13,8 +13,15 @@ import logging
 import os
 
 from receiver.config import ReceiverConfig
-from receiver.index import DurabilityError, IndexCorrupt, JsonlIndex, hand_over, new_row
-from receiver.store import FilesystemStore, file_digest
+from receiver.storage import (
+    CatalogueCorrupt,
+    DataDirLayout,
+    DurabilityError,
+    Storage,
+    keep_for_this_process,
+    open_storage,
+)
+from receiver.stored_rows import row_for_stored_blob
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +40,7 @@ class RecoveryIOError(StartupError):
 
 def take_instance_lock(config: ReceiverConfig) -> int:
     """Keep the returned descriptor open for the life of the server."""
-    path = config.storage.data_dir / "receiver.lock"
+    path = DataDirLayout(config.storage.data_dir).instance_lock_path
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -49,34 +56,40 @@ def take_instance_lock(config: ReceiverConfig) -> int:
 
 def recover(config: ReceiverConfig) -> None:
     try:
-        _recover(config)
+        storage = _recover(config)
     except (DurabilityError, OSError) as error:
         # A full or failing disk: one line and exit 70 (systemd restarts us), no traceback.
         raise RecoveryIOError(
             f"recovery failed on {config.storage.data_dir}: {error}; "
             "free space or fix the disk, then start again"
         ) from None
+    if config.server.workers == 1:
+        keep_for_this_process(config, storage)  # the app runs here: no second read
+    else:
+        storage.close()
 
 
-def _recover(config: ReceiverConfig) -> None:
-    store = FilesystemStore(config.storage.data_dir)
-    store.prepare()
-    index = JsonlIndex(config.storage.data_dir / "index.jsonl")
-    with index.locked():
-        index.repair_torn_tail()
+def _recover(config: ReceiverConfig) -> Storage:
+    storage = open_storage(config)
+    storage.blobs.prepare()
     try:
-        index.load(strict=True)
-    except IndexCorrupt as error:
+        state = storage.catalogue.recover()
+    except CatalogueCorrupt as error:
         raise StartupError(str(error)) from None
     repaired = 0
-    for intent in store.recover():
-        sha256, size = file_digest(store.final_path(intent.host_id, intent.episode_id))
-        row = new_row(intent.host_id, intent.episode_id, sha256, size, intent.commit)
-        _, appended = index.append_if_absent(row)
+    for blob in storage.blobs.recover():
+        row = row_for_stored_blob(
+            storage.blobs,
+            config.storage,
+            blob.host_id,
+            blob.episode_id,
+            commit=blob.commit,
+            backfilled=False,
+        )
+        _, appended = storage.catalogue.append_if_absent(row)
         repaired += appended
-        intent.temp_path.unlink(missing_ok=True)
+        storage.blobs.forget_note(blob)
     if repaired:
         log.warning("recovery: indexed %d stored tarball(s) whose row was missing", repaired)
-    log.info("index: %d rows", len(index))
-    if config.server.workers == 1:
-        hand_over(index)  # the app runs in this process: no second read of the index
+    log.info("index: %d rows", state.rows + repaired)
+    return storage

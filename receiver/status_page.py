@@ -1,51 +1,22 @@
 """The operator's status page: one self-contained HTML document (inline CSS, no script, no
 external resources), so it works offline and from a phone on the lab network.
 
-Per-host totals come from the index in one pass over its rows (fine for a million rows);
-STALE marks and recent rejections come from the answering worker's Telemetry. Every value
-that reaches the page is HTML-escaped: rejection events carry whatever a client sent.
+Per-host totals come from the catalogue's host summaries; STALE marks and recent
+rejections from the answering worker's Telemetry. Every value that reaches the page is
+HTML-escaped: rejection events carry whatever a client sent.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import html
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from receiver.gate import warning_threshold
-from receiver.index import IndexRow
+from receiver.storage import HostSummary
 from receiver.telemetry import Telemetry
 
 SHORT = 10  # characters of a commit id shown; the full id is in the title attribute
-
-
-@dataclass
-class HostSummary:
-    episodes: int = 0
-    bytes: int = 0
-    last_seen: str = ""  # received_at_wall of the newest row ("" = none)
-    last_commit: str | None = None
-
-
-def summarise_hosts(rows: Iterable[IndexRow]) -> dict[str, HostSummary]:
-    """Episodes, bytes, newest row and its commit per host, in a single pass over rows.
-
-    received_at_wall is compared as a string: every writer stores UTC isoformat with
-    microseconds (index.new_row), where text order is time order, and parsing a million
-    timestamps would dominate the page's cost.
-    """
-    hosts: dict[str, HostSummary] = {}
-    for row in rows:
-        summary = hosts.get(row.host_id)
-        if summary is None:
-            summary = hosts[row.host_id] = HostSummary()
-        summary.episodes += 1
-        summary.bytes += row.size_bytes
-        if row.received_at_wall >= summary.last_seen:
-            summary.last_seen = row.received_at_wall
-            summary.last_commit = row.commit
-    return hosts
 
 
 def human_bytes(size: int) -> str:
@@ -187,14 +158,13 @@ def _gate_cards(gate: dict[str, object]) -> str:
 
 def render_status_page(
     *,
-    rows: Iterable[IndexRow],
+    hosts: dict[str, HostSummary],
     gate_state: dict[str, object],
     gate_positions: Callable[[str], int | None],
     telemetry: Telemetry,
     now: float,
     version: str,
 ) -> str:
-    hosts = summarise_hosts(rows)
     stale = telemetry.stale_hosts(now=now)
     names = sorted(set(hosts) | set(stale))
     total_eps = sum(h.episodes for h in hosts.values())

@@ -22,10 +22,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
+from episode_common.wire import ID_PATTERN
 from receiver.events import UNAUTHENTICATED_HOST, RequestEvent
 
-# The contract's id rule (receiver.ids.ID_PATTERN); only such ids may become label values.
-_VALID_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# The contract's id rule: only such ids may become label values.
+_VALID_ID = ID_PATTERN
 # Outcomes are the contract's error codes; anything else (a bug, a future code with odd
 # characters) is folded into "other" so a label value can never be attacker-shaped.
 _OUTCOME = re.compile(r"[a-z0-9][a-z0-9-]{0,47}")
@@ -62,7 +63,7 @@ def is_rejection(event: RequestEvent) -> bool:
 
 
 class Telemetry:
-    """Implements receiver.events.RequestObserver; all methods are thread-safe."""
+    """Counters and marks from finished requests; all methods are thread-safe."""
 
     def __init__(
         self,
@@ -171,7 +172,7 @@ class Telemetry:
         while len(self._stale) > self._max_stale_hosts:
             self._stale.popitem(last=False)
 
-    def set_gauges(self, *, free_bytes: int, index_rows: int) -> None:
+    def set_gauges(self, *, free_bytes: int | None, index_rows: int) -> None:
         with self._lock:
             self._free_bytes = free_bytes
             self._index_rows = index_rows

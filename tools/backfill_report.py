@@ -16,12 +16,11 @@ import msgspec
 
 from receiver.config import StorageConfig
 from receiver.errors import InvalidTarball
-from receiver.ids import normalise_commit
-from receiver.index import IndexRow, new_row
-from receiver.store import file_digest
-from receiver.tarcheck import StreamValidator, read_meta_commit
+from receiver.storage import BlobStore, IndexRow, StoredBlob, Stray, digest_stream
+from receiver.stored_rows import row_for_stored_blob
+from receiver.tarcheck import StreamValidator
 from tools.cli_common import StoreLocation
-from tools.scan import Cancelled, Stray, Tarball
+from tools.scan import Cancelled
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,11 @@ class Unreadable:
 
 
 def inspect_tarball(
-    tarball: Tarball, storage: StorageConfig, on_bytes: Callable[[int], None], stop: threading.Event
+    blobs: BlobStore,
+    tarball: StoredBlob,
+    storage: StorageConfig,
+    on_bytes: Callable[[int], None],
+    stop: threading.Event,
 ) -> IndexRow | Unreadable:
     """The row backfill would write for tarball (commit from meta.json, None when it has none).
 
@@ -49,29 +52,18 @@ def inspect_tarball(
         validator.feed(block)
         on_bytes(len(block))
 
+    key = (tarball.host_id, tarball.episode_id)
     try:
-        sha256, size = file_digest(tarball.path, on_block)
+        with blobs.open_read(*key) as handle:
+            digest = digest_stream(handle, on_block)
         validator.finish()
-        commit = _meta_commit(tarball, storage)
+        return row_for_stored_blob(blobs, storage, *key, digest=digest, lenient=False)
     except InvalidTarball as error:
         return Unreadable(str(error))
     except OSError as error:
         return Unreadable(f"cannot read: {error.strerror or error}")
     finally:
         validator.abort()
-    return new_row(tarball.host_id, tarball.episode_id, sha256, size, commit, backfilled=True)
-
-
-def _meta_commit(tarball: Tarball, storage: StorageConfig) -> str | None:
-    try:
-        with tarball.path.open("rb") as handle:
-            value = read_meta_commit(handle, storage)
-    except InvalidTarball:
-        if storage.validate == "tar":
-            raise
-        return None  # the store does not promise a tar: the commit is unknown
-    # As the receiver's own repair does: a value that is not a commit id is an unknown commit.
-    return normalise_commit(value) if value is not None else None
 
 
 @dataclass
@@ -83,8 +75,8 @@ class BackfillReport:
     torn_tail_bytes: int = 0  # cut off the index (in a dry run: would be)
     added: list[IndexRow] = field(default_factory=list)
     would_add: list[IndexRow] = field(default_factory=list)
-    unreadable: list[tuple[Tarball, str]] = field(default_factory=list)
-    in_flight: list[Tarball] = field(default_factory=list)
+    unreadable: list[tuple[StoredBlob, str]] = field(default_factory=list)
+    in_flight: list[StoredBlob] = field(default_factory=list)
 
     def summary(self) -> dict[str, int]:
         return {
@@ -107,11 +99,11 @@ class BackfillReport:
             "added": [_row_json(row) for row in self.added],
             "would_add": [_row_json(row) for row in self.would_add],
             "unreadable": [
-                {**_key_json(tarball), "path": str(tarball.path), "reason": reason}
+                {**_key_json(tarball), "path": tarball.where, "reason": reason}
                 for tarball, reason in self.unreadable
             ],
             "in_flight": [_key_json(tarball) for tarball in self.in_flight],
-            "skipped": [{"path": str(s.path), "reason": s.reason} for s in self.skipped],
+            "skipped": [{"path": s.where, "reason": s.reason} for s in self.skipped],
         }
 
     def print_text(self, prog: str, location: StoreLocation) -> None:
@@ -122,11 +114,11 @@ class BackfillReport:
                 f"sha256={row.sha256} commit={row.commit or '-'}"
             )
         for tarball, reason in sorted(self.unreadable, key=lambda item: item[0].key):
-            print(f"unreadable {tarball.host_id}/{tarball.episode_id}: {reason} ({tarball.path})")
+            print(f"unreadable {tarball.host_id}/{tarball.episode_id}: {reason} ({tarball.where})")
         for tarball in self.in_flight:
             print(f"in flight {tarball.host_id}/{tarball.episode_id}: left to the receiver")
         for stray in self.skipped:
-            print(f"skipped {stray.path}: {stray.reason}")
+            print(f"skipped {stray.where}: {stray.reason}")
         if self.torn_tail_bytes:
             cut = "would cut" if self.dry_run else "cut"
             print(f"{cut} a torn last line ({self.torn_tail_bytes} bytes) off the index")
@@ -141,7 +133,7 @@ class BackfillReport:
         )
 
 
-def _key_json(tarball: Tarball) -> dict[str, str]:
+def _key_json(tarball: StoredBlob) -> dict[str, str]:
     return {"host_id": tarball.host_id, "episode_id": tarball.episode_id}
 
 

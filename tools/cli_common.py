@@ -17,13 +17,10 @@ import msgspec
 
 from episode_common.cli_support import fail
 from episode_common.config_loading import ConfigError
+from episode_common.wire import ID_RULE, is_valid_id
 from receiver.config import StorageConfig, load_config
-from receiver.errors import InvalidId
-from receiver.ids import check_id
-from receiver.store import FilesystemStore
+from receiver.storage import INDEX_NAME, Storage, open_storage, open_storage_at
 
-INDEX_NAME = "index.jsonl"
-EPISODE_LOCK_NAME = "episodes.lock"
 EXIT_PROBLEMS = 1
 # Hashing is I/O- and SHA-bound; past a handful of threads a spinning disk only seeks more.
 DEFAULT_JOBS = max(1, min(4, os.cpu_count() or 1))
@@ -38,20 +35,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 @dataclass(frozen=True)
 class StoreLocation:
-    """The tarball tree, the catalogue and the limits the receiver applies to both."""
+    """The store and catalogue a tool works on, and the limits the receiver applies."""
 
-    store: FilesystemStore
+    storage: Storage
+    episodes_root: Path  # for messages and reports
     index_path: Path
-    storage: StorageConfig
-
-    @property
-    def episodes_root(self) -> Path:
-        return self.store.episodes_dir
-
-    @property
-    def episode_lock_path(self) -> Path:
-        # The receiver keeps its per-episode locks beside episodes/, in its data_dir.
-        return self.store.data_dir / EPISODE_LOCK_NAME
+    config: StorageConfig
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,40 +58,44 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def check_common_arguments(prog: str, args: argparse.Namespace) -> None:
     if args.jobs < 1:
         fail(prog, "--jobs must be at least 1")
-    if args.host is not None:
-        try:
-            check_id("--host", args.host)
-        except InvalidId as error:
-            fail(prog, str(error))
+    if args.host is not None and not is_valid_id(args.host):
+        fail(prog, f"--host must match {ID_RULE}")
 
 
 def from_config(prog: str, config_path: Path) -> StoreLocation:
-    """The receiver's config: episodes and index under its data_dir, its validation settings."""
+    """The receiver's config: its backends, its validation settings."""
     try:
         config = load_config(config_path)
     except ConfigError as error:
         fail(prog, f"config: {error}")
-    return from_data_dir(prog, config.storage.data_dir, config.storage)
+    _require_dir(prog, config.storage.data_dir, "data directory")
+    storage = open_storage(config)
+    layout = storage.layout
+    return StoreLocation(storage, layout.episodes_dir, layout.index_path, config.storage)
 
 
-def from_data_dir(prog: str, data_dir: Path, storage: StorageConfig | None = None) -> StoreLocation:
-    if not data_dir.is_dir():
-        fail(prog, f"data directory {data_dir} does not exist or is not a directory")
-    storage = storage or StorageConfig(data_dir=data_dir)
-    return StoreLocation(FilesystemStore(data_dir), data_dir / INDEX_NAME, storage)
+def from_data_dir(prog: str, data_dir: Path) -> StoreLocation:
+    _require_dir(prog, data_dir, "data directory")
+    storage = open_storage_at(data_dir / "episodes", data_dir / INDEX_NAME)
+    config = StorageConfig(data_dir=data_dir)
+    return StoreLocation(storage, data_dir / "episodes", data_dir / INDEX_NAME, config)
 
 
 def from_paths(prog: str, episodes_root: Path, index_path: Path) -> StoreLocation:
-    """Explicit paths; the data_dir (for the lock file) is the episodes root's parent."""
-    if not episodes_root.is_dir():
-        fail(prog, f"episodes root {episodes_root} does not exist or is not a directory")
+    """Explicit paths; the data_dir (for the claims file) is the episodes root's parent."""
+    _require_dir(prog, episodes_root, "episodes root")
     if not index_path.parent.is_dir():
         fail(prog, f"the directory of the index {index_path} does not exist")
     if index_path.is_dir():
         fail(prog, f"index {index_path} is a directory")
-    data_dir = episodes_root.parent
-    store = FilesystemStore(data_dir, episodes_dir=episodes_root)
-    return StoreLocation(store, index_path, StorageConfig(data_dir=data_dir))
+    storage = open_storage_at(episodes_root, index_path)
+    config = StorageConfig(data_dir=episodes_root.parent)
+    return StoreLocation(storage, episodes_root, index_path, config)
+
+
+def _require_dir(prog: str, path: Path, what: str) -> None:
+    if not path.is_dir():
+        fail(prog, f"{what} {path} does not exist or is not a directory")
 
 
 def write_json(document: object) -> None:

@@ -1,8 +1,8 @@
 """`episode-backfill`: append index rows for stored tarballs that have none.
 
-Idempotent and safe beside a live receiver: every row goes through JsonlIndex.append_if_absent
-(catch up, check and append under the index lock, torn tail cut first), and a tarball whose
-episode lock a receiver holds is left to that receiver. Rows carry "backfilled": true.
+Idempotent and safe beside a live receiver: every row goes through the catalogue's
+append_if_absent (the exactly-once arbiter), and a tarball whose id a receiver has claimed
+is left to that receiver. Rows carry "backfilled": true.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from episode_common.cli_support import fail, setup_logging
-from receiver.index import DurabilityError, IndexCorrupt, IndexRow, JsonlIndex
-from receiver.locks import EpisodeLocks
+from receiver.storage import CatalogueCorrupt, DurabilityError, IndexRow, StoredBlob
 from tools import cli_common
 from tools.backfill_report import BackfillReport, Unreadable, inspect_tarball
 from tools.progress import Progress
-from tools.scan import Tarball, bounded_map, scan_episodes
+from tools.scan import bounded_map
 
 PROG = "episode-backfill"
 DESCRIPTION = "Append index rows for stored tarballs that have none."
@@ -57,55 +56,43 @@ def _location(args: argparse.Namespace) -> cli_common.StoreLocation:
 
 
 class Backfill:
-    """One run: scan, read each unindexed tarball, append (or in a dry run, list) its row."""
+    """One run: list, read each unindexed tarball, append (or in a dry run, list) its row."""
 
     def __init__(self, location: cli_common.StoreLocation, *, dry_run: bool, jobs: int) -> None:
         self.location = location
+        self.storage = location.storage
         self.dry_run = dry_run
         self.jobs = jobs
-        self.index = JsonlIndex(location.index_path)
         self.stop = threading.Event()
 
     def run(self, host: str | None) -> BackfillReport:
+        catalogue = self.storage.catalogue
         try:
-            self.index.load(strict=True)
-        except IndexCorrupt as error:
+            # A torn tail is a dead writer's half row (live writers hold the lock while
+            # appending): cut now, as the receiver does at start, even if nothing is added.
+            state = catalogue.recover(repair=not self.dry_run)
+        except CatalogueCorrupt as error:
             fail(PROG, f"{error} (episode-verify lists every such line)")
-        tarballs, strays = scan_episodes(self.location.store, host)
-        report = BackfillReport(dry_run=self.dry_run, scanned=len(tarballs), skipped=strays)
-        todo = [t for t in tarballs if self.index.lookup(t.host_id, t.episode_id) is None]
+        listing = self.storage.blobs.list_blobs(host)
+        tarballs = listing.blobs
+        report = BackfillReport(dry_run=self.dry_run, scanned=len(tarballs), skipped=listing.strays)
+        report.torn_tail_bytes = state.torn_tail_bytes  # in a dry run: what a run would cut
+        todo = [t for t in tarballs if catalogue.lookup(t.host_id, t.episode_id) is None]
         report.already_indexed = len(tarballs) - len(todo)
-        if self.dry_run:
-            report.torn_tail_bytes = self.index.torn_tail_bytes()  # what a real run would cut
-            self._read_all(todo, report, locks=None)
-            return report
-        locks = self._open_locks()
         try:
-            # A torn tail is a dead writer's half row (live writers hold this lock while
-            # appending): cut it now, as the receiver does at start, even if nothing is added.
-            with self.index.locked():
-                report.torn_tail_bytes = self.index.repair_torn_tail()
-            self._read_all(todo, report, locks)
+            self._read_all(todo, report)
         finally:
-            locks.close()
+            catalogue.close()
         return report
 
-    def _open_locks(self) -> EpisodeLocks:
-        path = self.location.episode_lock_path
-        try:
-            return EpisodeLocks(path)
-        except OSError as error:
-            fail(PROG, f"cannot open the receiver's lock file {path}: {error.strerror}")
+    def _read_all(self, todo: list[StoredBlob], report: BackfillReport) -> None:
+        progress = Progress("backfill", len(todo), sum(t.size_bytes for t in todo))
+        storage = self.location.config
+        blobs = self.storage.blobs
 
-    def _read_all(
-        self, todo: list[Tarball], report: BackfillReport, locks: EpisodeLocks | None
-    ) -> None:
-        progress = Progress("backfill", len(todo), sum(t.size for t in todo))
-        storage = self.location.storage
-
-        def read(tarball: Tarball) -> IndexRow | Unreadable:
+        def read(tarball: StoredBlob) -> IndexRow | Unreadable:
             try:
-                return inspect_tarball(tarball, storage, progress.add_bytes, self.stop)
+                return inspect_tarball(blobs, tarball, storage, progress.add_bytes, self.stop)
             finally:
                 progress.file_done()
 
@@ -113,25 +100,28 @@ class Backfill:
             for tarball, outcome in bounded_map(read, todo, self.jobs, self.stop):
                 if isinstance(outcome, Unreadable):
                     report.unreadable.append((tarball, outcome.reason))
-                elif locks is None:
+                elif self.dry_run:
                     report.would_add.append(outcome)
                 else:
-                    self._append(outcome, tarball, report, locks)
+                    self._append(outcome, tarball, report)
         finally:
             progress.close()
 
-    def _append(
-        self, row: IndexRow, tarball: Tarball, report: BackfillReport, locks: EpisodeLocks
-    ) -> None:
-        # A receiver holds the episode lock from before the file appears until its row is
-        # written: while it is held, the row is the receiver's to write.
-        if not locks.try_acquire(row.host_id, row.episode_id):
+    def _append(self, row: IndexRow, tarball: StoredBlob, report: BackfillReport) -> None:
+        # A receiver claims the id from before the blob appears until its row is written:
+        # while it is claimed, the row is the receiver's to write.
+        catalogue = self.storage.catalogue
+        try:
+            claimed = catalogue.claim(row.host_id, row.episode_id)
+        except OSError as error:
+            fail(PROG, f"cannot claim {row.host_id}/{row.episode_id}: {error.strerror}")
+        if not claimed:
             report.in_flight.append(tarball)
             return
         try:
-            _, appended = self.index.append_if_absent(row)
+            _, appended = catalogue.append_if_absent(row)
         finally:
-            locks.release(row.host_id, row.episode_id)
+            catalogue.release(row.host_id, row.episode_id)
         if appended:
             report.added.append(row)
         else:

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from episode_common.cli_support import fail
-from receiver.store import file_digest
+from receiver.storage import NumberedRow, StoredBlob, digest_stream, read_index_snapshot
 from tools import cli_common
-from tools.index_lines import NumberedRow, read_snapshot
 from tools.progress import Progress
-from tools.scan import Cancelled, Tarball, bounded_map, scan_episodes
+from tools.scan import Cancelled, bounded_map
 from tools.verify_report import Mismatch, VerifyReport
 
 PROG = "episode-verify"
@@ -58,16 +57,17 @@ class Verifier:
         report = VerifyReport(quick=self.quick)
         # The index is read before the walk: a file is linked before its row is appended, so
         # every row read here has its file by now unless the file is really gone.
-        snapshot = read_snapshot(self.location.index_path)
+        snapshot = read_index_snapshot(self.location.index_path)
         rows = snapshot.by_key(host)
-        tarballs, report.stray = scan_episodes(self.location.store, host)
+        listing = self.location.storage.blobs.list_blobs(host)
+        tarballs, report.stray = listing.blobs, listing.strays
         report.rows = sum(map(len, rows.values()))
         report.files = len(tarballs)
         report.bad_lines, report.torn_tail = snapshot.bad_lines, snapshot.torn_tail
         report.duplicates = [numbered for numbered in rows.values() if len(numbered) > 1]
         on_disk = {tarball.key for tarball in tarballs}
         report.missing = [numbered[0] for key, numbered in rows.items() if key not in on_disk]
-        unindexed: list[tuple[Tarball, FileCheck]] = []
+        unindexed: list[tuple[StoredBlob, FileCheck]] = []
         for tarball, check in self._check_all(tarballs, report):
             if tarball.key in rows:
                 self._compare(tarball, rows[tarball.key][0], check, report)
@@ -75,7 +75,7 @@ class Verifier:
                 unindexed.append((tarball, check))
         if unindexed:
             # A receiver may have just linked a file and not yet appended its row: look again.
-            later = read_snapshot(self.location.index_path).by_key(host)
+            later = read_index_snapshot(self.location.index_path).by_key(host)
             for tarball, check in unindexed:
                 if tarball.key in later:
                     self._compare(tarball, later[tarball.key][0], check, report)
@@ -88,20 +88,23 @@ class Verifier:
         return report
 
     def _check_all(
-        self, tarballs: list[Tarball], report: VerifyReport
-    ) -> list[tuple[Tarball, FileCheck]]:
+        self, tarballs: list[StoredBlob], report: VerifyReport
+    ) -> list[tuple[StoredBlob, FileCheck]]:
         if self.quick:
-            return [(tarball, FileCheck(tarball.size)) for tarball in tarballs]
-        progress = Progress("verify", len(tarballs), sum(t.size for t in tarballs))
+            return [(tarball, FileCheck(tarball.size_bytes)) for tarball in tarballs]
+        progress = Progress("verify", len(tarballs), sum(t.size_bytes for t in tarballs))
 
         def on_block(block: bytes) -> None:
             if self.stop.is_set():
                 raise Cancelled
             progress.add_bytes(len(block))
 
-        def check(tarball: Tarball) -> FileCheck:
+        blobs = self.location.storage.blobs
+
+        def check(tarball: StoredBlob) -> FileCheck:
             try:
-                sha256, size = file_digest(tarball.path, on_block)
+                with blobs.open_read(tarball.host_id, tarball.episode_id) as handle:
+                    sha256, size = digest_stream(handle, on_block)
             except OSError as error:
                 return FileCheck(0, error=f"cannot read: {error.strerror or error}")
             finally:
@@ -116,7 +119,7 @@ class Verifier:
 
     @staticmethod
     def _compare(
-        tarball: Tarball, numbered: NumberedRow, check: FileCheck, report: VerifyReport
+        tarball: StoredBlob, numbered: NumberedRow, check: FileCheck, report: VerifyReport
     ) -> None:
         row = numbered.row
         if check.error is not None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from receiver.storage import BadLine, NumberedRow, StoredBlob, Stray, TornTail
 from tools.cli_common import StoreLocation
-from tools.index_lines import BadLine, NumberedRow, TornTail
 from tools.progress import human_bytes
-from tools.scan import Stray, Tarball
 
 
 class _Named(Protocol):
-    """A Tarball or an IndexRow: both name their episode."""
+    """A StoredBlob or an IndexRow: both name their episode."""
 
     @property
     def host_id(self) -> str: ...
@@ -22,7 +21,7 @@ class _Named(Protocol):
 
 @dataclass(frozen=True)
 class Mismatch:
-    tarball: Tarball
+    tarball: StoredBlob
     row: NumberedRow
     actual: str | int  # the file's sha256 or size
 
@@ -35,13 +34,13 @@ class VerifyReport:
     bytes_read: int = 0
     seconds: float = 0.0
     missing: list[NumberedRow] = field(default_factory=list)
-    orphaned: list[Tarball] = field(default_factory=list)
+    orphaned: list[StoredBlob] = field(default_factory=list)
     sha256_mismatch: list[Mismatch] = field(default_factory=list)
     size_mismatch: list[Mismatch] = field(default_factory=list)
     duplicates: list[list[NumberedRow]] = field(default_factory=list)
     bad_lines: list[BadLine] = field(default_factory=list)
     torn_tail: TornTail | None = None
-    unreadable: list[tuple[Tarball, str]] = field(default_factory=list)
+    unreadable: list[tuple[StoredBlob, str]] = field(default_factory=list)
     stray: list[Stray] = field(default_factory=list)
 
     @property
@@ -83,7 +82,7 @@ class VerifyReport:
             "summary": self.summary(),
             "missing": [{**_row_json(n), "path": _path(location, n)} for n in self.missing],
             "orphaned": [
-                {**_key_json(t), "path": str(t.path), "size_bytes": t.size} for t in self.orphaned
+                {**_key_json(t), "path": t.where, "size_bytes": t.size_bytes} for t in self.orphaned
             ],
             "sha256_mismatch": [_mismatch_json(m, "sha256") for m in self.sha256_mismatch],
             "size_mismatch": [_mismatch_json(m, "size_bytes") for m in self.size_mismatch],
@@ -101,10 +100,9 @@ class VerifyReport:
             ],
             "torn_tail": None if torn is None else {"line": torn.line, "bytes": torn.size},
             "unreadable": [
-                {**_key_json(t), "path": str(t.path), "error": error}
-                for t, error in self.unreadable
+                {**_key_json(t), "path": t.where, "error": error} for t, error in self.unreadable
             ],
-            "stray": [{"path": str(s.path), "reason": s.reason} for s in self.stray],
+            "stray": [{"path": s.where, "reason": s.reason} for s in self.stray],
         }
 
     def text_lines(self, prog: str, location: StoreLocation) -> list[str]:
@@ -113,7 +111,7 @@ class VerifyReport:
             for n in self.missing
         ]
         lines += [
-            f"orphaned {_name(t)}: {t.path} ({t.size} bytes) has no index row"
+            f"orphaned {_name(t)}: {t.where} ({t.size_bytes} bytes) has no index row"
             for t in self.orphaned
         ]
         lines += [
@@ -137,8 +135,8 @@ class VerifyReport:
         if self.torn_tail is not None:
             torn = self.torn_tail
             lines.append(f"torn tail: line {torn.line} ({torn.size} bytes) has no newline")
-        lines += [f"unreadable {_name(t)}: {error} ({t.path})" for t, error in self.unreadable]
-        lines += [f"note: not a tarball: {s.path}: {s.reason}" for s in self.stray]
+        lines += [f"unreadable {_name(t)}: {error} ({t.where})" for t, error in self.unreadable]
+        lines += [f"note: not a tarball: {s.where}: {s.reason}" for s in self.stray]
         if self.quick:
             work = f"sizes compared in {self.seconds:.1f} s"
         else:
@@ -167,13 +165,13 @@ def _row_json(numbered: NumberedRow) -> dict[str, Any]:
 
 
 def _path(location: StoreLocation, numbered: NumberedRow) -> str:
-    return str(location.store.final_path(*numbered.row.key))
+    return location.storage.blobs.where(*numbered.row.key)
 
 
 def _mismatch_json(mismatch: Mismatch, field_name: str) -> dict[str, Any]:
     return {
         **_row_json(mismatch.row),
-        "path": str(mismatch.tarball.path),
+        "path": mismatch.tarball.where,
         f"index_{field_name}": getattr(mismatch.row.row, field_name),
         f"file_{field_name}": mismatch.actual,
     }

@@ -18,8 +18,8 @@ import pytest
 from episode_common.config_loading import ConfigError
 from receiver.config import load_config
 from receiver.errors import InsufficientStorage, ServerBusy, TooManyUploadsFromHost
-from receiver.ingest import SMALL_BODY_BYTES
 from receiver.limits import UploadAdmission
+from receiver.receiving import SMALL_BODY_BYTES
 from tests.conftest import StartReceiver
 from tests.e2e.test_receiver_protocol import HEADER, index_rows, put, stored_files, temp_files
 from tests.support import PROJECT_ROOT, head_commits, make_tarball, receiver_config, write_toml

@@ -1,4 +1,4 @@
-"""receiver.locks: per-episode locks that hold within and across processes."""
+"""receiver.storage.episode_locks: per-episode locks that hold within and across processes."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from receiver.locks import EpisodeLocks
+from receiver.storage.episode_locks import EpisodeLocks
 from tests.support import PROJECT_ROOT
 
 HOLDER = """
 import sys, time
 from pathlib import Path
-from receiver.locks import EpisodeLocks
+from receiver.storage.episode_locks import EpisodeLocks
 locks = EpisodeLocks(Path(sys.argv[1]))
 assert locks.try_acquire("lab-07", "ep-1")
 print("held", flush=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from receiver.digests import BodyDigest, DeclaredDigest
 from receiver.errors import TooLarge
 from receiver.pipeline import BATCH_BYTES, BodySink
+from receiver.storage.filesystem import FilesystemStore, FilesystemWriter
 
 ODD_SIZES = [1, 7, 4093, 65537, 13, 1_000_003, 257, 0, 31, 524_289]
 
@@ -39,21 +39,25 @@ async def drain(sink: BodySink, chunks: list[bytes]) -> str:
     return sha
 
 
-def write_to_file(path: Path, chunks: list[bytes], max_bytes: int) -> tuple[str, int]:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        sink = BodySink(fd, None, max_bytes)
-        sha = asyncio.run(drain(sink, chunks))
-        return sha, sink.size
-    finally:
-        os.close(fd)
+def temp_writer(tmp_path: Path) -> FilesystemWriter:
+    """A real blob writer: the filesystem store's temp file under tmp_path/data/tmp."""
+    (tmp_path / "data").mkdir(exist_ok=True)
+    store = FilesystemStore(tmp_path / "data")
+    store.prepare()
+    return store.open_writer("lab-07", "ep-1", None)
+
+
+def write_to_file(tmp_path: Path, chunks: list[bytes], max_bytes: int) -> tuple[Path, str, int]:
+    writer = temp_writer(tmp_path)
+    sink = BodySink(writer, None, max_bytes)
+    sha = asyncio.run(drain(sink, chunks))
+    return writer.path, sha, sink.size
 
 
 def test_many_odd_sized_chunks_reach_the_file_in_order_and_hash_right(tmp_path: Path) -> None:
     data = sample(3 * BATCH_BYTES + 12_345)  # several batches, the last one partial
     chunks = chunked(data, ODD_SIZES)
-    path = tmp_path / "body"
-    sha, size = write_to_file(path, chunks, max_bytes=len(data))
+    path, sha, size = write_to_file(tmp_path, chunks, max_bytes=len(data))
     assert path.read_bytes() == data
     assert sha == hashlib.sha256(data).hexdigest()
     assert size == len(data)
@@ -62,15 +66,13 @@ def test_many_odd_sized_chunks_reach_the_file_in_order_and_hash_right(tmp_path: 
 def test_more_tiny_chunks_than_one_writev_takes_are_all_written(tmp_path: Path) -> None:
     data = sample(20_000)
     chunks = chunked(data, [1, 2, 3, 5, 7])  # ~5,700 buffers in one batch, > IOV_MAX
-    path = tmp_path / "body"
-    sha, _size = write_to_file(path, chunks, max_bytes=len(data))
+    path, sha, _size = write_to_file(tmp_path, chunks, max_bytes=len(data))
     assert path.read_bytes() == data
     assert sha == hashlib.sha256(data).hexdigest()
 
 
 def test_empty_body_gives_an_empty_file_and_the_empty_hash(tmp_path: Path) -> None:
-    path = tmp_path / "body"
-    sha, size = write_to_file(path, [], max_bytes=10)
+    path, sha, size = write_to_file(tmp_path, [], max_bytes=10)
     assert path.read_bytes() == b""
     assert sha == hashlib.sha256(b"").hexdigest()
     assert size == 0
@@ -91,20 +93,17 @@ def test_size_cap_raises_too_large_on_the_chunk_that_exceeds_it() -> None:
 
 
 def test_size_cap_raises_on_a_single_oversized_first_chunk(tmp_path: Path) -> None:
-    path = tmp_path / "body"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    writer = temp_writer(tmp_path)
+    path = writer.path
 
     async def run() -> None:
-        sink = BodySink(fd, None, max_bytes=BATCH_BYTES)
+        sink = BodySink(writer, None, max_bytes=BATCH_BYTES)
         with pytest.raises(TooLarge) as caught:
             await sink.write(b"x" * (BATCH_BYTES + 1))
         assert caught.value.status_code == 413
         await sink.abort()
 
-    try:
-        asyncio.run(run())
-    finally:
-        os.close(fd)
+    asyncio.run(run())
     assert path.read_bytes() == b""  # the oversized chunk was never written
 
 
@@ -112,11 +111,11 @@ def test_size_cap_exceeded_mid_stream_stops_before_writing_the_excess(tmp_path: 
     data = sample(3 * BATCH_BYTES)
     chunks = chunked(data, [65_536])
     cap = 2 * BATCH_BYTES + 100
-    path = tmp_path / "body"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    writer = temp_writer(tmp_path)
+    path = writer.path
 
     async def run() -> int:
-        sink = BodySink(fd, None, max_bytes=cap)
+        sink = BodySink(writer, None, max_bytes=cap)
         for index, chunk in enumerate(chunks):
             try:
                 await sink.write(chunk)
@@ -125,10 +124,7 @@ def test_size_cap_exceeded_mid_stream_stops_before_writing_the_excess(tmp_path: 
                 return index
         raise AssertionError("TooLarge was never raised")
 
-    try:
-        failed_at = asyncio.run(run())
-    finally:
-        os.close(fd)
+    failed_at = asyncio.run(run())
     assert failed_at == cap // 65_536  # the first chunk that crosses the cap
     assert len(path.read_bytes()) <= cap
 

@@ -11,8 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from receiver.events import RequestEvent
-from receiver.index import IndexRow
-from receiver.status_page import human_age, human_bytes, render_status_page, summarise_hosts
+from receiver.status_page import human_age, human_bytes, render_status_page
+from receiver.storage.rows import IndexRow, summarise_hosts
 from receiver.telemetry import Telemetry, host_label
 
 NOW = 1_800_000_000.0
@@ -95,7 +95,7 @@ def page(
 ) -> str:
     positions = {HEAD: 0, "b" * 40: 4}
     return render_status_page(
-        rows=rows,
+        hosts=summarise_hosts(rows),
         gate_state=gate,
         gate_positions=positions.get,
         telemetry=telemetry,

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from receiver.index import IndexRow, decode_row
+from receiver.storage.rows import IndexRow, decode_row
 
 Key = tuple[str, str]
 

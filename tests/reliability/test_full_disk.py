@@ -19,7 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from receiver.index import DurabilityError, IndexRow, JsonlIndex, encode_row, new_row
+from receiver.storage import DurabilityError
+from receiver.storage.jsonl import JsonlCatalogue
+from receiver.storage.rows import IndexRow, encode_row, new_row
 from shipper.pack import pack_directory
 from tests.reliability.conftest import HEADER, Receiver, episode, sha256
 from tests.reliability.invariants import check_invariants, read_state
@@ -205,7 +207,7 @@ def filler(number: int, length: int) -> IndexRow | None:
     return None
 
 
-def fill_index_to(index: JsonlIndex, room: int) -> None:
+def fill_index_to(index: JsonlCatalogue, room: int) -> None:
     """Append rows until the index's last page has exactly `room` bytes left."""
     shortest = len(encode_row(new_row("h", "p00000", "0" * 64, 1, None)))
     number = 0
@@ -222,7 +224,7 @@ def test_index_append_on_a_full_disk_leaves_the_index_byte_identical(
     room: int, small_fs: Path
 ) -> None:
     """room 0: the kernel refuses the write; room 100: it writes 100 bytes (a short write)."""
-    index = JsonlIndex(small_fs / "index.jsonl")
+    index = JsonlCatalogue(small_fs / "index.jsonl")
     index.append_if_absent(new_row("h", "first", "1" * 64, 1, None))
     fill_index_to(index, room)
     row = new_row("h", "x" * 100, "2" * 64, 2, "a" * 40)
@@ -255,17 +257,19 @@ def _write_then(code: int, real: Callable[[int, bytes], int], line: bytes) -> ob
 def test_index_write_error_leaves_no_torn_row(
     code: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    index = JsonlIndex(tmp_path / "index.jsonl")
+    index = JsonlCatalogue(tmp_path / "index.jsonl")
     index.append_if_absent(new_row("h", "first", "1" * 64, 1, None))
     before = index.path.read_bytes()
     row = new_row("h", "second", "2" * 64, 2, None)
-    monkeypatch.setattr("receiver.index.os.write", _write_then(code, os.write, encode_row(row)))
+    monkeypatch.setattr(
+        "receiver.storage.jsonl.os.write", _write_then(code, os.write, encode_row(row))
+    )
     with pytest.raises(DurabilityError):
         index.append_if_absent(row)
     monkeypatch.undo()
     assert index.path.read_bytes() == before
     # A second reader never sees the failed row, and the next append is clean.
-    other = JsonlIndex(index.path)
+    other = JsonlCatalogue(index.path)
     other.load()
     assert other.lookup("h", "second") is None
     assert index.append_if_absent(row) == (row, True)

@@ -147,7 +147,7 @@ def test_backfill_leaves_a_tarball_whose_upload_is_in_flight(store: Store, backf
 _HOLD_LOCK = """
 import sys
 from pathlib import Path
-from receiver.locks import EpisodeLocks
+from receiver.storage.episode_locks import EpisodeLocks
 locks = EpisodeLocks(Path(sys.argv[1]))
 assert locks.try_acquire("lab-09", "uploading")
 print("held", flush=True)

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from receiver.index import JsonlIndex, encode_row, new_row
-from receiver.store import FilesystemStore, file_digest
-from tools.index_lines import MAX_LINE, read_snapshot
+from receiver.storage import digest_stream, read_index_snapshot
+from receiver.storage.filesystem import FilesystemStore
+from receiver.storage.jsonl import JsonlCatalogue
+from receiver.storage.jsonl_audit import MAX_LINE
+from receiver.storage.rows import encode_row, new_row
 from tools.progress import Progress
 from tools.scan import Cancelled, bounded_map
 
@@ -44,12 +46,14 @@ def test_progress_draws_nothing_when_not_a_terminal() -> None:
     assert pipe.getvalue() == ""
 
 
-def test_file_digest_hands_every_block_to_on_block(tmp_path: Path) -> None:
+def test_digest_stream_hands_every_block_to_on_block(tmp_path: Path) -> None:
     data = os.urandom(2 * 1024 * 1024 + 17)
     path = tmp_path / "blob"
     path.write_bytes(data)
     blocks: list[bytes] = []
-    assert file_digest(path, blocks.append) == (hashlib.sha256(data).hexdigest(), len(data))
+    with path.open("rb") as handle:
+        digest = digest_stream(handle, blocks.append)
+    assert digest == (hashlib.sha256(data).hexdigest(), len(data))
     assert b"".join(blocks) == data and len(blocks) == 3
 
 
@@ -110,7 +114,7 @@ def test_index_snapshot_reports_an_overlong_line_without_keeping_it(tmp_path: Pa
     index = tmp_path / "index.jsonl"
     row = encode_row(new_row("h", "e", "a" * 64, 1, None))
     index.write_bytes(row + b"x" * (MAX_LINE * 3) + b"\n" + row)
-    snapshot = read_snapshot(index)
+    snapshot = read_index_snapshot(index)
     assert [bad.line for bad in snapshot.bad_lines] == [2]
     assert "longer than" in snapshot.bad_lines[0].error
     assert [numbered.line for numbered in snapshot.rows] == [1, 3]
@@ -119,7 +123,7 @@ def test_index_snapshot_reports_an_overlong_line_without_keeping_it(tmp_path: Pa
 
 def test_index_torn_tail_bytes_measures_without_cutting(tmp_path: Path) -> None:
     path = tmp_path / "index.jsonl"
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     assert index.torn_tail_bytes() == 0  # no index yet
     row = encode_row(new_row("h", "e", "a" * 64, 1, None))
     path.write_bytes(row)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from receiver.index import decode_row
+from receiver.storage.rows import decode_row
 from tests.conftest import StartReceiver
 from tests.support import PROJECT_ROOT, head_commits, make_tarball
 from tests.tools.conftest import Tool

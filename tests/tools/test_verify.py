@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from receiver.index import encode_row, new_row
+from receiver.storage.rows import encode_row, new_row
 from tests.support import make_tarball, receiver_config, write_toml
 from tests.tools.conftest import Store, Tool, store_args
 

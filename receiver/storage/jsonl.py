@@ -1,4 +1,4 @@
-"""The catalogue: index.jsonl, one sorted-key JSON row per stored episode.
+"""The jsonl catalogue: index.jsonl, one sorted-key JSON row per stored episode.
 
 Exactly one row per (host, episode): every writer catches up on rows appended
 by other processes and checks for an existing row under an inter-process lock
@@ -19,68 +19,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import msgspec
 
 from episode_common.durable import atomic_write, fsync_dir
 from receiver import failpoints
+from receiver.storage.base import CatalogueCorrupt, CatalogueState, DurabilityError
+from receiver.storage.episode_locks import EpisodeLocks
+from receiver.storage.rows import (
+    HostSummary,
+    IndexRow,
+    decode_row,
+    decode_rows,
+    encode_row,
+    summarise_hosts,
+)
 
 log = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 1
-
-
-class IndexRow(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
-    """One catalogue row. Fields are declared in sorted order so rows are written key-sorted.
-
-    gc=False: a row holds only strings, numbers and None, so it can be in no cycle;
-    untracked, the million rows of a large index cost the cyclic collector nothing
-    (no pass walks them, no pause on the event loop) and 16 bytes less each.
-    """
-
-    backfilled: bool = False
-    commit: str | None = None
-    episode_id: str
-    host_id: str
-    received_at_wall: str
-    schema_version: int
-    sha256: str
-    size_bytes: int
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.host_id, self.episode_id)
-
-
-def new_row(
-    host_id: str,
-    episode_id: str,
-    sha256: str,
-    size_bytes: int,
-    commit: str | None,
-    *,
-    backfilled: bool = False,
-) -> IndexRow:
-    return IndexRow(
-        backfilled=backfilled,
-        commit=commit,
-        episode_id=episode_id,
-        host_id=host_id,
-        received_at_wall=dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
-        schema_version=SCHEMA_VERSION,
-        sha256=sha256,
-        size_bytes=size_bytes,
-    )
-
-
-_encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(IndexRow)
-
-
-def encode_row(row: IndexRow) -> bytes:
-    return _encoder.encode(row) + b"\n"
-
 
 _row_key = operator.attrgetter("host_id", "episode_id")
 
@@ -94,7 +49,7 @@ def _decode_lines(data: bytes) -> list[IndexRow] | None:
     if not data:
         return []
     try:
-        rows = _decoder.decode_lines(data)
+        rows = decode_rows(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
     lines = data.count(b"\n")
@@ -102,29 +57,6 @@ def _decode_lines(data: bytes) -> list[IndexRow] | None:
     if not shaped or len(rows) != lines or data.count(b"}\n{") != lines - 1:
         return None
     return rows
-
-
-def decode_row(line: bytes) -> IndexRow:
-    """Raises msgspec.DecodeError / ValidationError for a line that is not a row."""
-    return _decoder.decode(line)
-
-
-class IndexCorrupt(Exception):
-    """A complete line in the middle of the index is not a row; a person must look."""
-
-
-class DurabilityError(Exception):
-    """fsync (or the write before it) failed: what is on disk is unknown, so stop."""
-
-
-class CatalogueIndex(Protocol):
-    """The seam for catalogue backends (jsonl today; a shared database later)."""
-
-    def refresh(self) -> None: ...
-    def lookup(self, host_id: str, episode_id: str) -> IndexRow | None: ...
-    def append_if_absent(self, row: IndexRow) -> tuple[IndexRow, bool]: ...
-    def rows(self) -> Iterator[IndexRow]: ...
-    def __len__(self) -> int: ...
 
 
 @dataclass
@@ -136,12 +68,17 @@ class _Append:
     error: BaseException | None = None
 
 
-class JsonlIndex:
-    """index.jsonl with an in-memory view, shared safely by several processes."""
+class JsonlCatalogue:
+    """index.jsonl with an in-memory view, shared safely by several processes.
 
-    def __init__(self, path: Path) -> None:
+    Claims are byte-range locks in claims_path, shared with every writer of this data_dir.
+    """
+
+    def __init__(self, path: Path, claims_path: Path | None = None) -> None:
         self.path = path
         self.lock_path = path.with_name(path.name + ".lock")
+        self._claims_path = claims_path or path.with_name("episodes.lock")
+        self._claims: EpisodeLocks | None = None
         self._view: dict[tuple[str, str], IndexRow] = {}
         self._offset = 0
         self._inode: int | None = None
@@ -153,13 +90,55 @@ class JsonlIndex:
         self._queue: list[_Append] = []
         self._queue_lock = threading.Lock()
 
+    # -- the Catalogue interface ---------------------------------------------------
+
+    def recover(self, *, repair: bool = True) -> CatalogueState:
+        """Cut a torn tail (repair=False: only measure it), then load every row strictly."""
+        if repair:
+            with self.locked():
+                torn = self.repair_torn_tail()
+        else:
+            torn = self.torn_tail_bytes()
+        self.load(strict=True)
+        return CatalogueState(rows=len(self), torn_tail_bytes=torn)
+
+    def open(self) -> None:
+        self.load_once()
+
+    def close(self) -> None:
+        if self._claims is not None:
+            self._claims.close()
+            self._claims = None
+
+    def lookup(self, host_id: str, episode_id: str) -> IndexRow | None:
+        self.refresh()
+        return self._view.get((host_id, episode_id))
+
+    def claim(self, host_id: str, episode_id: str) -> bool:
+        if self._claims is None:
+            self._claims = EpisodeLocks(self._claims_path)
+        return self._claims.try_acquire(host_id, episode_id)
+
+    def release(self, host_id: str, episode_id: str) -> None:
+        if self._claims is not None:
+            self._claims.release(host_id, episode_id)
+
+    def count(self) -> int:
+        self.refresh()
+        return len(self._view)
+
+    def iter_rows(self) -> Iterator[IndexRow]:
+        self.refresh()
+        return iter(list(self._view.values()))
+
+    def host_summaries(self) -> dict[str, HostSummary]:
+        self.refresh()
+        return summarise_hosts(list(self._view.values()))
+
     # -- reading -----------------------------------------------------------------
 
     def __len__(self) -> int:
         return len(self._view)
-
-    def lookup(self, host_id: str, episode_id: str) -> IndexRow | None:
-        return self._view.get((host_id, episode_id))
 
     def rows(self) -> Iterator[IndexRow]:
         return iter(list(self._view.values()))
@@ -221,7 +200,7 @@ class JsonlIndex:
             except (msgspec.DecodeError, msgspec.ValidationError) as error:
                 line_number = self._count_lines_before(self._offset + line_start) + 1
                 if strict:
-                    raise IndexCorrupt(
+                    raise CatalogueCorrupt(
                         f"{self.path}: line {line_number} is not an index row ({error}); "
                         "move the line aside or restore the index, then start again"
                     ) from None
@@ -371,22 +350,6 @@ class JsonlIndex:
             os.close(fd)
         if created:
             fsync_dir(self.path.parent)
-
-
-# Start-up recovery's loaded view, for the app when both run in one process (one worker):
-# reading a big index once instead of twice halves the time to ready.
-_handed_over: dict[Path, JsonlIndex] = {}
-
-
-def hand_over(index: JsonlIndex) -> None:
-    """Let the next open_index(index.path) in this process take this view."""
-    _handed_over[index.path] = index
-
-
-def open_index(path: Path) -> JsonlIndex:
-    """The view handed over for path (taken once), else a new, unloaded one."""
-    index = _handed_over.pop(path, None)
-    return JsonlIndex(path) if index is None else index
 
 
 def _end_of_last_complete_line(fd: int, size: int) -> int:

@@ -1,6 +1,6 @@
 """A raw, read-only reading of index.jsonl for auditing: every line with its number.
 
-Unlike JsonlIndex (one row per episode) it keeps duplicates, lines that are not rows and a
+Unlike JsonlCatalogue (one row per episode) it keeps duplicates, lines that are not rows and a
 torn last line. The writers' lock is held shared only around one fstat, so that a row being
 appended is not taken for a torn tail. Memory: the rows plus at most MAX_LINE bytes a line.
 """
@@ -16,9 +16,8 @@ from typing import BinaryIO
 
 import msgspec
 
-from receiver.errors import InvalidId
-from receiver.ids import check_id
-from receiver.index import IndexRow, decode_row
+from episode_common.wire import ID_RULE, is_valid_id
+from receiver.storage.rows import IndexRow, decode_row
 
 MAX_LINE = 1 << 20  # a row is a few hundred bytes; longer lines are reported, not kept
 PREVIEW = 80
@@ -54,7 +53,7 @@ class IndexSnapshot:
 
     def by_key(self, host: str | None = None) -> dict[tuple[str, str], list[NumberedRow]]:
         """Rows per (host, episode) in file order; the first is the one in force (as in
-        JsonlIndex, which keeps the first row it reads for a key)."""
+        JsonlCatalogue, which keeps the first row it reads for a key)."""
         grouped: dict[tuple[str, str], list[NumberedRow]] = defaultdict(list)
         for numbered in self.rows:
             if host is None or numbered.row.host_id == host:
@@ -65,10 +64,11 @@ class IndexSnapshot:
 def _parse(raw: bytes) -> IndexRow | str:
     try:
         row = decode_row(raw)
-        check_id("host_id", row.host_id)
-        check_id("episode_id", row.episode_id)
-    except (msgspec.DecodeError, msgspec.ValidationError, InvalidId) as error:
+    except (msgspec.DecodeError, msgspec.ValidationError) as error:
         return str(error)
+    for kind, value in (("host_id", row.host_id), ("episode_id", row.episode_id)):
+        if not is_valid_id(value):
+            return f"{kind} must match {ID_RULE}"
     return row
 
 
@@ -85,7 +85,7 @@ def _snapshot_size(fd: int, lock_path: Path) -> int:
         os.close(lock_fd)
 
 
-def read_snapshot(index_path: Path) -> IndexSnapshot:
+def read_index_snapshot(index_path: Path) -> IndexSnapshot:
     """Every line of the index as it is now; a missing index is an empty one."""
     snapshot = IndexSnapshot()
     try:

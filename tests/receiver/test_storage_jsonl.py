@@ -1,4 +1,4 @@
-"""receiver.index: row format, append-once, catching up, torn tails, corruption, durability."""
+"""The jsonl catalogue: row format, append-once, catching up, torn tails, corruption, durability."""
 
 from __future__ import annotations
 
@@ -17,17 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from receiver.index import (
-    DurabilityError,
-    IndexCorrupt,
-    IndexRow,
-    JsonlIndex,
-    decode_row,
-    encode_row,
-    hand_over,
-    new_row,
-    open_index,
-)
+from receiver.config import GateConfig, ReceiverConfig, StorageConfig
+from receiver.storage import CatalogueCorrupt, DurabilityError, keep_for_this_process, open_storage
+from receiver.storage.jsonl import JsonlCatalogue
+from receiver.storage.rows import IndexRow, decode_row, encode_row, new_row
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -108,7 +101,7 @@ def test_decode_row_round_trips_encode_row() -> None:
 
 def test_rows_appended_to_the_file_have_sorted_contract_keys(tmp_path: Path) -> None:
     path = index_file(tmp_path)
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     index.append_if_absent(row("ep-1"))
     index.append_if_absent(new_row("lab-07", "ep-2", SHA_B, 7, None, backfilled=True))
     first, second = (json.loads(line) for line in lines_of(path))
@@ -121,7 +114,7 @@ def test_rows_appended_to_the_file_have_sorted_contract_keys(tmp_path: Path) -> 
 
 def test_append_if_absent_appends_once_and_returns_the_existing_row(tmp_path: Path) -> None:
     path = index_file(tmp_path)
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     first = row("ep-1", sha256=SHA_A)
     stored, appended = index.append_if_absent(first)
     assert (stored, appended) == (first, True)
@@ -134,7 +127,7 @@ def test_append_if_absent_appends_once_and_returns_the_existing_row(tmp_path: Pa
 
 
 def test_same_episode_id_on_another_host_is_a_different_row(tmp_path: Path) -> None:
-    index = JsonlIndex(index_file(tmp_path))
+    index = JsonlCatalogue(index_file(tmp_path))
     assert index.append_if_absent(row("ep-1", host_id="lab-01"))[1] is True
     assert index.append_if_absent(row("ep-1", host_id="lab-02"))[1] is True
     assert len(index) == 2
@@ -142,17 +135,17 @@ def test_same_episode_id_on_another_host_is_a_different_row(tmp_path: Path) -> N
 
 def test_load_reads_back_what_was_appended(tmp_path: Path) -> None:
     path = index_file(tmp_path)
-    writer = JsonlIndex(path)
+    writer = JsonlCatalogue(path)
     written = [row(f"ep-{i}") for i in range(5)]
     for each in written:
         writer.append_if_absent(each)
-    reader = JsonlIndex(path)
+    reader = JsonlCatalogue(path)
     reader.load()
     assert sorted(reader.rows(), key=lambda r: r.episode_id) == written
 
 
 def test_load_of_a_missing_file_is_an_empty_index(tmp_path: Path) -> None:
-    index = JsonlIndex(index_file(tmp_path))
+    index = JsonlCatalogue(index_file(tmp_path))
     index.load()
     index.refresh()
     assert len(index) == 0
@@ -163,7 +156,7 @@ def test_load_of_a_missing_file_is_an_empty_index(tmp_path: Path) -> None:
 
 def test_two_instances_see_each_others_rows_via_refresh(tmp_path: Path) -> None:
     path = index_file(tmp_path)
-    a, b = JsonlIndex(path), JsonlIndex(path)
+    a, b = JsonlCatalogue(path), JsonlCatalogue(path)
     a.load()
     b.load()
     a.append_if_absent(row("ep-a"))
@@ -177,7 +170,7 @@ def test_two_instances_see_each_others_rows_via_refresh(tmp_path: Path) -> None:
 
 def test_two_instances_never_duplicate_a_key(tmp_path: Path) -> None:
     path = index_file(tmp_path)
-    a, b = JsonlIndex(path), JsonlIndex(path)
+    a, b = JsonlCatalogue(path), JsonlCatalogue(path)
     a.load()
     b.load()  # b's view is now stale: it has not seen a's append
     first = row("ep-1", sha256=SHA_A)
@@ -191,7 +184,7 @@ def test_two_instances_never_duplicate_a_key(tmp_path: Path) -> None:
 def _append_worker(path: str, worker: int, barrier: Barrier) -> None:
     """In a spawned process: race the other workers on the shared keys, add our own."""
     barrier.wait(timeout=30)
-    index = JsonlIndex(Path(path))
+    index = JsonlCatalogue(Path(path))
     for i in range(SHARED_KEYS):
         index.append_if_absent(new_row("shared", f"ep-{i}", SHA_A, i, None))
         if i % (SHARED_KEYS // OWN_KEYS) == 0:
@@ -237,7 +230,7 @@ def write_with_torn_tail(path: Path, count: int = 2) -> bytes:
 def test_load_ignores_a_torn_tail(tmp_path: Path) -> None:
     path = index_file(tmp_path)
     write_with_torn_tail(path)
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     index.load(strict=True)
     assert len(index) == 2
     assert index.lookup("lab-07", "ep-torn") is None
@@ -246,7 +239,7 @@ def test_load_ignores_a_torn_tail(tmp_path: Path) -> None:
 def test_load_ignores_a_tail_that_is_a_whole_row_without_its_newline(tmp_path: Path) -> None:
     path = index_file(tmp_path)
     path.write_bytes(encode_row(row("ep-0")) + encode_row(row("ep-1")).rstrip(b"\n"))
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     index.load()
     assert len(index) == 1
     assert index.lookup("lab-07", "ep-1") is None
@@ -254,7 +247,7 @@ def test_load_ignores_a_tail_that_is_a_whole_row_without_its_newline(tmp_path: P
 
 def test_refresh_ignores_a_torn_tail_and_reads_the_line_once_completed(tmp_path: Path) -> None:
     path = index_file(tmp_path)
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     index.append_if_absent(row("ep-0"))
     completed = row("ep-1")
     line = encode_row(completed)
@@ -272,7 +265,7 @@ def test_refresh_ignores_a_torn_tail_and_reads_the_line_once_completed(tmp_path:
 def test_repair_torn_tail_cuts_it_off_and_keeps_a_copy(tmp_path: Path) -> None:
     path = index_file(tmp_path)
     good = write_with_torn_tail(path)
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     with index.locked():
         cut = index.repair_torn_tail()
     assert cut == len(TORN)
@@ -285,7 +278,7 @@ def test_repair_torn_tail_of_a_clean_file_changes_nothing(tmp_path: Path) -> Non
     path = index_file(tmp_path)
     good = b"".join(encode_row(row(f"ep-{i}")) for i in range(3))
     path.write_bytes(good)
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     with index.locked():
         assert index.repair_torn_tail() == 0
     assert path.read_bytes() == good
@@ -295,7 +288,7 @@ def test_repair_torn_tail_of_a_clean_file_changes_nothing(tmp_path: Path) -> Non
 def test_repair_torn_tail_of_a_file_without_any_newline_empties_it(tmp_path: Path) -> None:
     path = index_file(tmp_path)
     path.write_bytes(TORN)
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     with index.locked():
         assert index.repair_torn_tail() == len(TORN)
     assert path.read_bytes() == b""
@@ -306,7 +299,7 @@ def test_repair_torn_tail_of_a_file_without_any_newline_empties_it(tmp_path: Pat
 def test_append_if_absent_cuts_a_torn_tail_before_appending(tmp_path: Path) -> None:
     path = index_file(tmp_path)
     good = write_with_torn_tail(path)
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     index.load()
     new = row("ep-new")
     assert index.append_if_absent(new) == (new, True)
@@ -318,7 +311,7 @@ def test_append_if_absent_cuts_a_torn_tail_before_appending(tmp_path: Path) -> N
 
 def test_append_if_absent_cuts_a_torn_tail_written_after_load(tmp_path: Path) -> None:
     path = index_file(tmp_path)
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     index.append_if_absent(row("ep-0"))
     good = path.read_bytes()
     with path.open("ab") as handle:
@@ -342,21 +335,21 @@ def write_with_corrupt_line(path: Path) -> None:
 def test_strict_load_of_a_corrupt_middle_line_names_the_line_number(tmp_path: Path) -> None:
     path = index_file(tmp_path)
     write_with_corrupt_line(path)
-    with pytest.raises(IndexCorrupt, match=r"line 3\b"):
-        JsonlIndex(path).load(strict=True)
+    with pytest.raises(CatalogueCorrupt, match=r"line 3\b"):
+        JsonlCatalogue(path).load(strict=True)
 
 
 def test_strict_load_names_the_line_of_garbage_that_is_not_json(tmp_path: Path) -> None:
     path = index_file(tmp_path)
     path.write_bytes(encode_row(row("ep-0")) + b"\x00\xffgarbage\n" + encode_row(row("ep-2")))
-    with pytest.raises(IndexCorrupt, match=r"line 2\b"):
-        JsonlIndex(path).load()
+    with pytest.raises(CatalogueCorrupt, match=r"line 2\b"):
+        JsonlCatalogue(path).load()
 
 
 def test_non_strict_load_skips_a_corrupt_middle_line(tmp_path: Path) -> None:
     path = index_file(tmp_path)
     write_with_corrupt_line(path)
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     index.load(strict=False)
     assert sorted(r.episode_id for r in index.rows()) == ["ep-0", "ep-1", "ep-3"]
 
@@ -378,12 +371,12 @@ def test_failed_append_raises_durability_error_and_leaves_the_file_unchanged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = index_file(tmp_path)
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     index.append_if_absent(row("ep-0"))
     before = path.read_bytes()
     new = row("ep-1")
     monkeypatch.setattr(
-        "receiver.index.os.write", half_write_then_enospc(os.write, encode_row(new))
+        "receiver.storage.jsonl.os.write", half_write_then_enospc(os.write, encode_row(new))
     )
     with pytest.raises(DurabilityError):
         index.append_if_absent(new)
@@ -396,12 +389,12 @@ def test_append_after_a_failed_append_writes_a_clean_row(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = index_file(tmp_path)
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     index.append_if_absent(row("ep-0"))
     before = path.read_bytes()
     new = row("ep-1")
     monkeypatch.setattr(
-        "receiver.index.os.write", half_write_then_enospc(os.write, encode_row(new))
+        "receiver.storage.jsonl.os.write", half_write_then_enospc(os.write, encode_row(new))
     )
     with pytest.raises(DurabilityError):
         index.append_if_absent(new)
@@ -415,10 +408,10 @@ def test_failed_first_append_leaves_no_partial_row(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = index_file(tmp_path)
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     new = row("ep-0")
     monkeypatch.setattr(
-        "receiver.index.os.write", half_write_then_enospc(os.write, encode_row(new))
+        "receiver.storage.jsonl.os.write", half_write_then_enospc(os.write, encode_row(new))
     )
     with pytest.raises(DurabilityError):
         index.append_if_absent(new)
@@ -432,7 +425,7 @@ def test_failed_first_append_leaves_no_partial_row(
 
 def test_refresh_detects_a_replaced_file_of_the_same_size(tmp_path: Path) -> None:
     path = index_file(tmp_path)
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     index.append_if_absent(row("ep-0"))
     index.append_if_absent(row("ep-1"))
     old_size = path.stat().st_size
@@ -448,7 +441,7 @@ def test_refresh_detects_a_replaced_file_of_the_same_size(tmp_path: Path) -> Non
 
 def test_refresh_after_replacement_by_a_longer_file_drops_old_rows(tmp_path: Path) -> None:
     path = index_file(tmp_path)
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     index.append_if_absent(row("ep-0"))
     staged = tmp_path / "index.jsonl.new"
     staged.write_bytes(b"".join(encode_row(row(f"ep-{i}")) for i in range(5, 8)))
@@ -467,7 +460,7 @@ def test_load_of_many_rows_keeps_the_first_row_of_a_key(tmp_path: Path) -> None:
     first, later = row("ep-1", sha256=SHA_A), row("ep-1", sha256=SHA_B)
     rows = [row(f"ep-{n}") for n in range(2, 50)]
     path.write_bytes(b"".join(encode_row(r) for r in [first, *rows, later]))
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     index.load(strict=True)
     assert len(index) == 49
     assert index.lookup("lab-07", "ep-1") == first
@@ -486,25 +479,28 @@ def test_strict_load_names_a_line_that_is_not_exactly_one_row(
 ) -> None:
     path = index_file(tmp_path)
     path.write_bytes(encode_row(row("ep-0")) + middle + encode_row(row("ep-9")))
-    with pytest.raises(IndexCorrupt, match=rf"line {line}\b"):
-        JsonlIndex(path).load(strict=True)
+    with pytest.raises(CatalogueCorrupt, match=rf"line {line}\b"):
+        JsonlCatalogue(path).load(strict=True)
 
 
-def test_a_handed_over_view_is_taken_once_and_catches_up(tmp_path: Path) -> None:
+def test_a_kept_catalogue_is_taken_once_and_catches_up(tmp_path: Path) -> None:
     path = index_file(tmp_path)
-    recovered = JsonlIndex(path)
-    recovered.append_if_absent(row("ep-1"))
-    recovered.load(strict=True)
-    hand_over(recovered)
-    JsonlIndex(path).append_if_absent(row("ep-2"))  # another writer, after the hand-over
-    taken = open_index(path)
+    config = ReceiverConfig(
+        storage=StorageConfig(data_dir=path.parent), version_gate=GateConfig(enabled=False)
+    )
+    recovered = open_storage(config)
+    recovered.catalogue.append_if_absent(row("ep-1"))
+    recovered.catalogue.recover()
+    keep_for_this_process(config, recovered)
+    JsonlCatalogue(path).append_if_absent(row("ep-2"))  # another writer, after the hand-over
+    taken = open_storage(config)
     assert taken is recovered
-    taken.load_once()
-    assert sorted(r.episode_id for r in taken.rows()) == ["ep-1", "ep-2"]
-    fresh = open_index(path)
+    taken.catalogue.open()
+    assert sorted(r.episode_id for r in taken.catalogue.iter_rows()) == ["ep-1", "ep-2"]
+    fresh = open_storage(config)
     assert fresh is not recovered
-    fresh.load_once()
-    assert len(fresh) == 2
+    fresh.catalogue.open()
+    assert fresh.catalogue.count() == 2
 
 
 # -- group commit -------------------------------------------------------------------
@@ -512,19 +508,19 @@ def test_a_handed_over_view_is_taken_once_and_catches_up(tmp_path: Path) -> None
 
 def test_rows_appended_by_many_threads_at_once_are_each_written_once(tmp_path: Path) -> None:
     path = index_file(tmp_path)
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     rows = [row(f"ep-{n}") for n in range(40)]
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(index.append_if_absent, rows + rows))  # every key twice
     assert sorted(appended for _, appended in results) == [False] * 40 + [True] * 40
     assert all(stored == rows[n % 40] for n, (stored, _) in enumerate(results))
     assert sorted(lines_of(path)) == sorted(encode_row(r) for r in rows)
-    reloaded = JsonlIndex(path)
+    reloaded = JsonlCatalogue(path)
     reloaded.load(strict=True)
     assert len(reloaded) == 40
 
 
-def queue_while_locked(index: JsonlIndex, rows: list[IndexRow]) -> list[object]:
+def queue_while_locked(index: JsonlCatalogue, rows: list[IndexRow]) -> list[object]:
     """Append rows from one thread each while another append holds the lock; returns what
     each call returned or raised, once the lock was released and all of them finished."""
     outcomes: list[object] = [None] * len(rows)
@@ -551,7 +547,7 @@ def test_appends_queued_meanwhile_share_one_write_and_one_fsync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = index_file(tmp_path)
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     index.append_if_absent(row("ep-0"))
     writes: list[int] = []
     fsyncs: list[int] = []
@@ -565,8 +561,8 @@ def test_appends_queued_meanwhile_share_one_write_and_one_fsync(
         fsyncs.append(fd)
         real_fsync(fd)
 
-    monkeypatch.setattr("receiver.index.os.write", counted_write)
-    monkeypatch.setattr("receiver.index.os.fsync", counted_fsync)
+    monkeypatch.setattr("receiver.storage.jsonl.os.write", counted_write)
+    monkeypatch.setattr("receiver.storage.jsonl.os.fsync", counted_fsync)
     rows = [row(f"ep-{n}") for n in range(1, 6)]
     outcomes = queue_while_locked(index, rows)
     monkeypatch.undo()
@@ -579,14 +575,14 @@ def test_a_failed_group_write_fails_every_caller_and_leaves_the_file_unchanged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = index_file(tmp_path)
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     index.append_if_absent(row("ep-0"))
     before = path.read_bytes()
 
     def no_space(fd: int, data: bytes) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("receiver.index.os.write", no_space)
+    monkeypatch.setattr("receiver.storage.jsonl.os.write", no_space)
     rows = [row(f"ep-{n}") for n in range(1, 4)]
     outcomes = queue_while_locked(index, rows)
     monkeypatch.undo()
@@ -600,7 +596,7 @@ def test_rows_of_a_loaded_index_are_not_tracked_by_the_cyclic_collector(tmp_path
     path = tmp_path / "index.jsonl"
     rows = [new_row("h", f"e{n}", "a" * 64, n, None) for n in range(3)]
     path.write_bytes(b"".join(encode_row(row) for row in rows))
-    index = JsonlIndex(path)
+    index = JsonlCatalogue(path)
     index.load()
     loaded = list(index.rows())
     assert len(loaded) == 3

@@ -1,0 +1,112 @@
+"""Where episodes and their catalogue live: backends behind small interfaces, opened by `type`.
+
+Callers use the names exported here; each backend's module is its own business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from receiver.config import FilesystemStorageConfig, JsonlIndexConfig, ReceiverConfig
+from receiver.storage.base import (
+    BlobListing,
+    BlobStore,
+    BlobWriter,
+    Catalogue,
+    CatalogueCorrupt,
+    CatalogueState,
+    DurabilityError,
+    StoredBlob,
+    Stray,
+)
+from receiver.storage.filesystem import FilesystemStore
+from receiver.storage.hashing import digest_stream
+from receiver.storage.jsonl import JsonlCatalogue
+from receiver.storage.jsonl_audit import (
+    BadLine,
+    IndexSnapshot,
+    NumberedRow,
+    TornTail,
+    read_index_snapshot,
+)
+from receiver.storage.layout import INDEX_NAME, DataDirLayout
+from receiver.storage.rows import HostSummary, IndexRow, new_row
+
+__all__ = [
+    "INDEX_NAME",
+    "BadLine",
+    "IndexSnapshot",
+    "NumberedRow",
+    "TornTail",
+    "read_index_snapshot",
+    "BlobListing",
+    "BlobStore",
+    "BlobWriter",
+    "Catalogue",
+    "CatalogueCorrupt",
+    "CatalogueState",
+    "DataDirLayout",
+    "DurabilityError",
+    "HostSummary",
+    "IndexRow",
+    "Storage",
+    "StoredBlob",
+    "Stray",
+    "digest_stream",
+    "keep_for_this_process",
+    "new_row",
+    "open_storage",
+    "open_storage_at",
+]
+
+
+@dataclass
+class Storage:
+    """One receiver's (or tool's) blob store and catalogue."""
+
+    blobs: BlobStore
+    catalogue: Catalogue
+    layout: DataDirLayout
+
+    def close(self) -> None:
+        self.catalogue.close()
+
+
+def open_storage(config: ReceiverConfig) -> Storage:
+    """The backends the config's `type` keys name (not opened for serving yet)."""
+    kept = _kept.pop(config.storage.data_dir, None)
+    if kept is not None:
+        return kept
+    layout = DataDirLayout(config.storage.data_dir)
+    return Storage(_blob_store(config, layout), _catalogue(config, layout), layout)
+
+
+def open_storage_at(episodes_root: Path, index_path: Path) -> Storage:
+    """A filesystem store and jsonl catalogue at explicit paths (the tools' --episodes-root,
+    --index); the per-episode claims live beside episodes_root, as in a data_dir."""
+    layout = DataDirLayout(episodes_root.parent)
+    blobs = FilesystemStore(layout.data_dir, episodes_dir=episodes_root)
+    return Storage(blobs, JsonlCatalogue(index_path, layout.claims_path), layout)
+
+
+def _blob_store(config: ReceiverConfig, layout: DataDirLayout) -> BlobStore:
+    match config.storage:
+        case FilesystemStorageConfig():
+            return FilesystemStore(layout.data_dir)
+
+
+def _catalogue(config: ReceiverConfig, layout: DataDirLayout) -> Catalogue:
+    match config.index:
+        case JsonlIndexConfig():
+            return JsonlCatalogue(layout.index_path, layout.claims_path)
+
+
+# Start-up recovery's loaded catalogue, for the app when both run in one process (one
+# worker): reading a big index once instead of twice halves the time to ready.
+_kept: dict[Path, Storage] = {}
+
+
+def keep_for_this_process(config: ReceiverConfig, storage: Storage) -> None:
+    """Let the next open_storage(config) in this process take these backends."""
+    _kept[config.storage.data_dir] = storage
