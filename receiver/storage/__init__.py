@@ -10,6 +10,7 @@ from pathlib import Path
 
 from receiver.config import FilesystemStorageConfig, JsonlIndexConfig, ReceiverConfig
 from receiver.storage.base import (
+    BackendUnavailable,
     BlobListing,
     BlobStore,
     BlobWriter,
@@ -35,6 +36,7 @@ from receiver.storage.rows import HostSummary, IndexRow, new_row
 
 __all__ = [
     "INDEX_NAME",
+    "BackendUnavailable",
     "BadLine",
     "IndexSnapshot",
     "NumberedRow",

@@ -22,6 +22,15 @@ class CatalogueCorrupt(Exception):
     """The catalogue holds something that is not a row; a person must look."""
 
 
+class BackendUnavailable(Exception):
+    """A backend server cannot be reached or refuses for now (5xx, throttling): the upload
+    is answered 503 with Retry-After and leaves nothing; retrying later may succeed."""
+
+    def __init__(self, message: str, retry_after_seconds: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
 @dataclass(frozen=True)
 class CatalogueState:
     """What Catalogue.recover() found."""
