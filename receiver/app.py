@@ -22,12 +22,20 @@ from starlette.routing import Route
 
 from receiver import __version__
 from receiver.config import ReceiverConfig
-from receiver.errors import Forbidden, IngestError, InvalidId, LengthRequired, Unauthorized
+from receiver.errors import (
+    Forbidden,
+    IngestError,
+    InvalidId,
+    LengthRequired,
+    StorageUnavailable,
+    Unauthorized,
+)
 from receiver.ingest import Reply, Upload
 from receiver.limits import with_body_timeout
 from receiver.request_log import RequestFacts
 from receiver.services import Services, serving
 from receiver.status_page import render_status_page
+from receiver.storage import BackendUnavailable
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -115,6 +123,14 @@ def _authorize(services: Services, request: Request, facts: RequestFacts) -> Non
 
 
 async def _answer_episode(services: Services, request: Request, facts: RequestFacts) -> Reply:
+    try:
+        return await _ask_ingestor(services, request, facts)
+    except BackendUnavailable as down:  # translated once, here, for every backend
+        retry_after = {"Retry-After": str(down.retry_after_seconds)}
+        raise StorageUnavailable(str(down), headers=retry_after) from down
+
+
+async def _ask_ingestor(services: Services, request: Request, facts: RequestFacts) -> Reply:
     ingestor = services.ingestor
     if request.method != "PUT":
         return await ingestor.head(facts.claimed_host, facts.episode_id, facts.sent_commit)

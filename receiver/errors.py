@@ -125,6 +125,13 @@ class ServerBusy(IngestError):
     code = "server-busy"
 
 
+class StorageUnavailable(IngestError):
+    """A storage backend (object store, database) is down or throttling: retry later."""
+
+    status_code = 503
+    code = "storage-unavailable"
+
+
 class InsufficientStorage(IngestError):
     status_code = 507
     code = "insufficient-storage"
