@@ -7,7 +7,6 @@ only meta.json (at most 1 MiB) is ever held whole. Raises InvalidTarball with a 
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 import tarfile
@@ -20,21 +19,17 @@ from typing import BinaryIO
 from episode_common.archive import ArchiveLayoutError, MetaLocator
 from receiver.config import StorageConfig
 from receiver.errors import InvalidTarball
+from receiver.zstd_stream import Aborted, ForwardReader, Inflater
 
 if sys.version_info >= (3, 14):
-    from compression import zstd
+    pass
 else:
-    from backports import zstd
+    pass
 
-PIECE_BYTES = 1 << 20  # decompressed bytes per decompress() call
 # A body of at most this many (compressed) bytes is checked by finish(), without a thread.
 INLINE_BYTES = 1 << 20
 META_MAX_BYTES = 1 << 20
 READ_BYTES = 1 << 20  # read_meta_commit's read size
-# Each frame costs a fresh decompressor (~15 us): bound frames by output so that a body of
-# empty or skippable frames cannot buy minutes of CPU; real packers emit one or a few frames.
-FRAME_ALLOWANCE = 1000
-BYTES_PER_FRAME = 64 * 1024
 _KINDS = {
     tarfile.SYMTYPE: "symlink",
     tarfile.LNKTYPE: "hardlink",
@@ -51,122 +46,8 @@ class TarSummary:
     unpacked_bytes: int
 
 
-class _Aborted(Exception):
-    """The validator was aborted; the worker unwinds without a verdict."""
-
-
 class _BadMeta(InvalidTarball):
     """meta.json is there but unusable: read_meta_commit answers None instead."""
-
-
-class _Inflater:
-    """Decompressed pieces of a zstd stream of one or more frames, checked for truncation."""
-
-    def __init__(
-        self, chunks: Iterable[bytes], storage: StorageConfig, stop: threading.Event | None = None
-    ) -> None:
-        self._chunks = chunks
-        self._limit = storage.max_unpacked_bytes
-        self._window = storage.max_window_bytes
-        window_log = self._window.bit_length() - 1  # floor(log2): never above the cap
-        self._options: dict[int, int] = {zstd.DecompressionParameter.window_log_max: window_log}
-        self._stop = stop
-        self.produced = 0
-
-    def pieces(self) -> Iterator[bytes]:
-        decompressor: zstd.ZstdDecompressor | None = None
-        frames = 0
-        for chunk in self._chunks:
-            data = chunk
-            # A decompressor that stopped at max_length holds pending output: keep calling it
-            # with no new input until it asks for more, so no piece exceeds PIECE_BYTES.
-            while data or (decompressor is not None and not decompressor.needs_input):
-                if self._stop is not None and self._stop.is_set():
-                    raise _Aborted
-                if decompressor is None:
-                    decompressor = zstd.ZstdDecompressor(options=self._options)
-                try:
-                    piece = decompressor.decompress(data, PIECE_BYTES)
-                except zstd.ZstdError as error:
-                    raise InvalidTarball(self._describe(error)) from None
-                data = b""
-                if piece:
-                    self.produced += len(piece)
-                    if self.produced > self._limit:
-                        raise InvalidTarball(f"decompressed size exceeds {self._limit} bytes")
-                    yield piece
-                if decompressor.eof:  # the next frame (or a skippable one) starts right here
-                    frames += 1
-                    if frames > FRAME_ALLOWANCE + self.produced // BYTES_PER_FRAME:
-                        raise InvalidTarball(
-                            f"zstd: {frames} frames for {self.produced} bytes of output"
-                        )
-                    data = decompressor.unused_data
-                    decompressor = None
-        if decompressor is not None:
-            raise InvalidTarball("truncated zstd stream")
-        if frames == 0:
-            raise InvalidTarball("empty body: no zstd frame")
-
-    def _describe(self, error: zstd.ZstdError) -> str:
-        reason = str(error).removeprefix("Unable to decompress Zstandard data: ")
-        if "too much memory" in reason:  # libzstd's wording for a window above window_log_max
-            return f"zstd: window larger than max_window_bytes ({self._window})"
-        return f"zstd: {reason[:1].lower()}{reason[1:]}"
-
-
-class _ForwardReader:
-    """A forward-only file over decompressed pieces for tarfile; seek() skips without copying."""
-
-    def __init__(self, pieces: Iterator[bytes]) -> None:
-        self._pieces = pieces
-        self._view = memoryview(b"")
-        self._pos = 0
-
-    def _fill(self) -> bool:
-        piece = next(self._pieces, None)
-        if piece is None:
-            return False
-        self._view = memoryview(piece)
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        if size < 0:
-            raise io.UnsupportedOperation("unbounded read")  # tarfile always passes a size
-        parts: list[memoryview] = []
-        while size > 0 and (self._view or self._fill()):
-            part = self._view[:size]
-            self._view = self._view[len(part) :]
-            parts.append(part)
-            size -= len(part)
-        data = b"".join(parts)
-        self._pos += len(data)
-        return data
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        if whence != io.SEEK_SET or pos < self._pos:
-            raise tarfile.ReadError("seeking backwards is not allowed")  # as in mode "r|"
-        # Stops at the end of data; tarfile then sees a short read and says so.
-        while self._pos < pos and (self._view or self._fill()):
-            step = min(pos - self._pos, len(self._view))
-            self._view = self._view[step:]
-            self._pos += step
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def write(self, data: bytes) -> int:
-        raise io.UnsupportedOperation("read-only stream")
-
-    def close(self) -> None:
-        pass
-
-    def drain(self) -> None:
-        """Decompress the rest, so that damage after the tar's end is still detected."""
-        self._view = memoryview(b"")
-        for _ in self._pieces:
-            pass
 
 
 class _TarWalk(tarfile.TarFile):
@@ -213,9 +94,7 @@ def _read_candidate(tar: _TarWalk, info: tarfile.TarInfo) -> str | None | _BadMe
         return error
 
 
-def _walk(
-    reader: _ForwardReader, storage: StorageConfig, *, strict: bool
-) -> tuple[str | None, int]:
+def _walk(reader: ForwardReader, storage: StorageConfig, *, strict: bool) -> tuple[str | None, int]:
     """(meta.json's commit, member count), meta.json found by the shared layout rule.
 
     strict: vet every member and refuse an archive without one usable meta.json; otherwise
@@ -226,7 +105,7 @@ def _walk(
     members = 0
     try:
         # "r:" rather than "r|": stream mode skips member data in 10 KiB reads and copies;
-        # "r:" seeks, and _ForwardReader.seek drops whole pieces. Neither ever seeks back.
+        # "r:" seeks, and ForwardReader.seek drops whole pieces. Neither ever seeks back.
         tar = _TarWalk.open(fileobj=reader, mode="r:")
         while (info := tar.next()) is not None:
             tar.members.clear()  # a million kept TarInfos would not be bounded memory
@@ -258,8 +137,8 @@ def _walk(
 def _validate(
     chunks: Iterable[bytes], storage: StorageConfig, stop: threading.Event | None = None
 ) -> TarSummary:
-    inflater = _Inflater(chunks, storage, stop)
-    reader = _ForwardReader(inflater.pieces())
+    inflater = Inflater(chunks, storage, stop)
+    reader = ForwardReader(inflater.pieces())
     commit, members = None, 0
     if storage.validate == "tar":
         commit, members = _walk(reader, storage, strict=True)
@@ -281,7 +160,7 @@ def read_meta_commit(fileobj: BinaryIO, storage: StorageConfig) -> str | None:
     InvalidTarball when the zstd or tar stream before it is broken. Members are not vetted.
     """
     chunks = iter(lambda: fileobj.read(READ_BYTES), b"")
-    reader = _ForwardReader(_Inflater(chunks, storage).pieces())
+    reader = ForwardReader(Inflater(chunks, storage).pieces())
     return _walk(reader, storage, strict=False)[0]
 
 
@@ -320,7 +199,7 @@ class _Channel:
                 while not self._items and not self._closed and not self.cancelled.is_set():
                     self._cond.wait()
                 if self.cancelled.is_set():
-                    raise _Aborted
+                    raise Aborted
                 if not self._items:
                     return
                 chunk = self._items.popleft()
@@ -365,7 +244,7 @@ class StreamValidator:
             self._summary = _validate(self._channel, self._storage, self._channel.cancelled)
         except InvalidTarball as error:
             self._error = error
-        except _Aborted:
+        except Aborted:
             pass
         except BaseException as error:  # a bug, not a bad upload: finish() re-raises it
             self._crash = error
@@ -397,7 +276,7 @@ class StreamValidator:
             held, self._held = self._held, None
             try:
                 return _validate(held, self._storage, self._channel.cancelled)
-            except _Aborted:
+            except Aborted:
                 raise InvalidTarball("validation aborted") from None
         if self._thread is None:
             if self._enabled and self._channel.cancelled.is_set():
