@@ -8,7 +8,6 @@ only meta.json (at most 1 MiB) is ever held whole. Raises InvalidTarball with a 
 from __future__ import annotations
 
 import json
-import sys
 import tarfile
 import threading
 from collections import deque
@@ -20,11 +19,6 @@ from episode_common.archive import ArchiveLayoutError, MetaLocator
 from receiver.config import StorageConfig
 from receiver.errors import InvalidTarball
 from receiver.zstd_stream import Aborted, ForwardReader, Inflater
-
-if sys.version_info >= (3, 14):
-    pass
-else:
-    pass
 
 # A body of at most this many (compressed) bytes is checked by finish(), without a thread.
 INLINE_BYTES = 1 << 20
