@@ -260,6 +260,21 @@ def test_content_digest_is_a_structured_field_dictionary(
     assert (wrong.status_code, wrong.json()["error"]) == (400, "digest-mismatch")
 
 
+def test_a_malformed_content_digest_is_judged_in_the_contracts_order(
+    repo: Path, start_receiver: StartReceiver
+) -> None:
+    """Already stored and the window come before the body checks, the digest among them."""
+    receiver = start_receiver(repo, version_gate={"window": 2})
+    commits = head_commits(repo, 3)
+    malformed = {"Content-Digest": "sha-256=:not base64:"}
+    stored = make_tarball(commits[0])
+    assert put(receiver.url, "/episodes/h/ep-1", stored, commits[0]).status_code == 201
+    retry = put(receiver.url, "/episodes/h/ep-1", stored, commits[0], **malformed)
+    assert retry.status_code == 200, retry.text  # a retry is answered by content
+    stale = put(receiver.url, "/episodes/h/ep-2", make_tarball(commits[2]), commits[2], **malformed)
+    assert (stale.status_code, stale.json()["error"]) == (412, "stale-commit")
+
+
 def test_400_invalid_ids_touch_nothing(
     tmp_path: Path, repo: Path, start_receiver: StartReceiver
 ) -> None:
