@@ -33,6 +33,7 @@ from bench.receivers import (
 )
 from bench.report import Figure, Target, at_least, median, spread
 from bench.workload import MiB, write_episode_dir, write_episode_tarball, write_index, write_store
+from receiver.storage import DataDirLayout
 from shipper.config import ShipperConfig
 from shipper.pack import pack_directory
 from tests.support import PROJECT_ROOT
@@ -138,7 +139,7 @@ def cold_start(bench: Bench) -> list[Figure]:
         ratio_label="product time / baseline time",
     )
     home = bench.fresh_dir("cold-start")
-    index = home / "receiver" / "data" / "index.jsonl"
+    index = DataDirLayout(home / "receiver" / "data").index_path
     index_bytes = write_index(index, rows, bench.commit)
     rss: list[float] = []
     for _ in range(bench.sizes.runs):

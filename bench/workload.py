@@ -13,6 +13,7 @@ import os
 import tarfile
 from pathlib import Path
 
+from receiver.storage import DataDirLayout
 from receiver.storage.rows import encode_row, new_row
 
 try:
@@ -124,7 +125,7 @@ def write_store(pool: Pool, data_dir: Path, total: int, file_bytes: int) -> list
     host_dir = data_dir / "episodes" / "bench"
     host_dir.mkdir(parents=True)
     paths: list[Path] = []
-    with (data_dir / "index.jsonl").open("wb") as index:
+    with DataDirLayout(data_dir).index_path.open("wb") as index:
         for number in range(max(1, -(-total // file_bytes))):
             size = min(file_bytes, total - number * file_bytes) or file_bytes
             path = host_dir / f"ep-{number:05d}.tar.zst"

@@ -1,4 +1,4 @@
-"""RFC 9530 digest fields: parse Content-Digest, hash a body, format Repr-Digest.
+"""RFC 9530 digest fields: parse Content-Digest and hash a body (Repr-Digest: episode_common.wire).
 
 Content-Digest is an RFC 8941 dictionary: parameters are ignored, `sha-256` and
 `sha-512` are checked when present, other algorithms are ignored. A field that
@@ -8,7 +8,6 @@ a well-formed digest that differs from the body is DigestMismatch (re-hash, retr
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from dataclasses import dataclass
 
@@ -96,8 +95,3 @@ def hash_body(data: bytes, declared: DeclaredDigest | None) -> BodyDigest:
     hasher = BodyHasher(declared)
     hasher.update(data)
     return hasher.digest()
-
-
-def format_digest(sha256_hex: str) -> str:
-    """`sha-256=:<base64>:` for Repr-Digest / Content-Digest."""
-    return "sha-256=:" + base64.b64encode(bytes.fromhex(sha256_hex)).decode() + ":"

@@ -7,11 +7,11 @@ import hashlib
 
 import pytest
 
+from episode_common.wire import format_sha256_digest as format_digest
 from receiver.digests import (
     BodyDigest,
     BodyHasher,
     DeclaredDigest,
-    format_digest,
     hash_body,
     parse_content_digest,
 )
