@@ -108,6 +108,11 @@ class GateConfig(Struct, frozen=True, forbid_unknown_fields=True):
     window: Annotated[int, Meta(ge=1, le=1_000_000)] = 100
     refresh_seconds: PositiveSeconds = 30.0
     git_timeout_seconds: PositiveSeconds = 10.0
+    # With a remote, each refresh first runs `git fetch <remote>` (ref then names a
+    # remote-tracking branch, "origin/main"), so receivers on several machines follow one
+    # upstream. A failed or slow fetch keeps the window, like any failed refresh.
+    remote: Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")] | None = None
+    fetch_timeout_seconds: PositiveSeconds = 30.0
     header: HeaderName = "X-Code-Commit"
     # Answer to stale-commit and to a missing or malformed commit header.
     remediation: str = DEFAULT_REMEDIATION

@@ -232,6 +232,8 @@ class VersionGate:
         config = self._config
         self._refreshes += 1
         try:
+            if config.remote is not None:
+                await self._fetch(config.remote)
             out = await self._git(
                 "log", "--no-show-signature", "--format=%H", "-n", str(config.window),
                 "--end-of-options", config.ref, "--",
@@ -299,21 +301,30 @@ class VersionGate:
         finally:
             del self._classifying[key]
 
+    async def _fetch(self, remote: str) -> None:
+        """Bring the remote-tracking branches up to date; its own, longer, timeout."""
+        args = ("fetch", "--quiet", "--no-tags", "--prune", "--end-of-options", remote)
+        code, _, err = await self._run_git(args, timeout=self._config.fetch_timeout_seconds)
+        if code != 0:
+            raise GitError(f"git fetch {remote} exited {code}: {describe(err)}")
+
     async def _git(self, *args: str) -> str:
         code, out, err = await self._run_git(args)
         if code != 0:
             raise GitError(f"git {args[0]} exited {code}: {describe(err)}")
         return out
 
-    async def _run_git(self, args: tuple[str, ...]) -> tuple[int, str, str]:
+    async def _run_git(
+        self, args: tuple[str, ...], timeout: float | None = None
+    ) -> tuple[int, str, str]:
         if self._config.repo_path is None:
             raise GitError("version_gate.repo_path is not set")
-        timeout = self._config.git_timeout_seconds
+        timeout = timeout or self._config.git_timeout_seconds
         try:
             proc = await asyncio.create_subprocess_exec(
                 "git", "-C", str(self._config.repo_path), *args,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env={**os.environ, "LC_ALL": "C"},
+                stderr=asyncio.subprocess.PIPE, env=_git_env(),
                 start_new_session=True,
             )  # fmt: skip
         except OSError as error:
@@ -330,6 +341,12 @@ class VersionGate:
             self._children.discard(proc)
         assert proc.returncode is not None
         return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+# English messages (their text is matched), and never a credentials prompt: a fetch that
+# needs one fails at once instead of hanging until its timeout.
+def _git_env() -> dict[str, str]:
+    return {**os.environ, "LC_ALL": "C", "GIT_TERMINAL_PROMPT": "0"}
 
 
 def _kill(proc: asyncio.subprocess.Process) -> None:
