@@ -32,7 +32,7 @@ from receiver.storage.jsonl_audit import (
     read_index_snapshot,
 )
 from receiver.storage.layout import INDEX_NAME, DataDirLayout
-from receiver.storage.rows import HostSummary, IndexRow, new_row
+from receiver.storage.rows import HostSummary, IndexRow, decode_row, encode_row, new_row
 
 __all__ = [
     "INDEX_NAME",
@@ -55,7 +55,9 @@ __all__ = [
     "Storage",
     "StoredBlob",
     "Stray",
+    "decode_row",
     "digest_stream",
+    "encode_row",
     "keep_for_this_process",
     "new_row",
     "open_storage",

@@ -135,6 +135,24 @@ class JsonlCatalogue:
         self.refresh()
         return summarise_hosts(list(self._view.values()))
 
+    def rows_after(self, key: tuple[str, str] | None) -> Iterator[IndexRow]:
+        """File order is commit order. A line counts when it is the row in force for its key
+        (not a later duplicate): lookups decide, so no set of every key seen is kept."""
+        self.refresh()
+        if key is not None and key not in self._view:
+            raise KeyError(key)
+        return self._rows_after(key, self._offset)
+
+    def _rows_after(self, key: tuple[str, str] | None, end: int) -> Iterator[IndexRow]:
+        found = key is None
+        for row in _rows_of(self.path, end):
+            if self._view.get(row.key) != row:
+                continue
+            if found:
+                yield row
+            elif row.key == key:
+                found = True
+
     # -- reading -----------------------------------------------------------------
 
     def __len__(self) -> int:
@@ -350,6 +368,20 @@ class JsonlCatalogue:
             os.close(fd)
         if created:
             fsync_dir(self.path.parent)
+
+
+def _rows_of(path: Path, end: int) -> Iterator[IndexRow]:
+    """The rows of the complete lines before byte `end`, in file order; other lines skipped."""
+    with path.open("rb") as handle:
+        position = 0
+        for line in handle:
+            position += len(line)
+            if position > end:
+                return
+            try:
+                yield decode_row(line)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
 
 
 def _end_of_last_complete_line(fd: int, size: int) -> int:

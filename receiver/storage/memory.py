@@ -135,3 +135,10 @@ class MemoryCatalogue:
 
     def host_summaries(self) -> dict[str, HostSummary]:
         return summarise_hosts(list(self.rows.values()))
+
+    def rows_after(self, key: tuple[str, str] | None) -> Iterator[IndexRow]:
+        keys = list(self.rows)  # a dict keeps insertion order: commit order here
+        if key is not None and key not in self.rows:
+            raise KeyError(key)
+        start = 0 if key is None else keys.index(key) + 1
+        return iter([self.rows[k] for k in keys[start:]])
