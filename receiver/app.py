@@ -197,9 +197,13 @@ async def readyz(request: Request) -> Response:
     if services.config.version_gate.enabled and not services.gate.state().get("loaded"):
         reasons.append("the version gate has not loaded its commit window yet")
     min_free = services.config.storage.min_free_bytes
-    storage_reason = await asyncio.to_thread(services.storage.blobs.unready_reason, min_free)
-    if storage_reason is not None:
-        reasons.append(storage_reason)
+    storage = services.storage
+    for reason in (
+        await asyncio.to_thread(storage.blobs.unready_reason, min_free),
+        await asyncio.to_thread(storage.catalogue.unready_reason),
+    ):
+        if reason is not None:
+            reasons.append(reason)
     if reasons:
         body = {"error": "not-ready", "detail": "; ".join(reasons), "reasons": reasons}
         return _json(503, body, {"Retry-After": "5"})

@@ -6,7 +6,7 @@ import os
 import subprocess
 
 from episode_common.config_loading import ConfigError
-from receiver.config import ReceiverConfig, ensure_data_dir
+from receiver.config import PostgresIndexConfig, ReceiverConfig, ensure_data_dir
 from receiver.git_errors import describe
 
 
@@ -61,10 +61,26 @@ def check_gate_repo(config: ReceiverConfig) -> str | None:
     return None
 
 
+def check_catalogue(config: ReceiverConfig) -> str | None:
+    """A database catalogue answers and its schema is this receiver's (nothing is changed)."""
+    if not isinstance(config.index, PostgresIndexConfig):
+        return None
+    from receiver.storage import BackendUnavailable, CatalogueCorrupt, open_storage
+
+    catalogue = open_storage(config).catalogue
+    try:
+        catalogue.recover(repair=False)
+    except (BackendUnavailable, CatalogueCorrupt, OSError) as error:
+        return f"{config.source}: index.dsn: {error}"
+    finally:
+        catalogue.close()
+    return None
+
+
 def check_all(config: ReceiverConfig) -> str | None:
     """Everything `check-config` promises, first problem first."""
     try:
         ensure_data_dir(config)
     except ConfigError as error:
         return str(error)
-    return check_gate_repo(config)
+    return check_gate_repo(config) or check_catalogue(config)

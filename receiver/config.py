@@ -98,7 +98,21 @@ class JsonlIndexConfig(
     """[index] type = "jsonl": index.jsonl in data_dir, the record, with a view beside it."""
 
 
-IndexConfig = JsonlIndexConfig
+class PostgresIndexConfig(
+    Struct, frozen=True, forbid_unknown_fields=True, tag_field="type", tag="postgresql"
+):
+    """[index] type = "postgresql": one table shared by every receiver of a fleet."""
+
+    # libpq form, e.g. "host=db dbname=episodes user=ingest"; the password comes from
+    # PGPASSWORD, ~/.pgpass, or dsn_file (a file holding the whole DSN, private to us).
+    dsn: str = ""
+    dsn_file: Path | None = None
+    table: Annotated[str, Meta(pattern=r"^[a-z_][a-z0-9_]{0,62}$")] = "episodes"
+    pool_size: Annotated[int, Meta(ge=1, le=1000)] = 10
+    connect_timeout_seconds: PositiveSeconds = 5.0
+
+
+IndexConfig = JsonlIndexConfig | PostgresIndexConfig
 
 
 class GateConfig(Struct, frozen=True, forbid_unknown_fields=True):
@@ -130,7 +144,7 @@ class AuthConfig(Struct, frozen=True, forbid_unknown_fields=True):
 class ReceiverConfig(Struct, frozen=True, forbid_unknown_fields=True):
     storage: StorageConfig
     server: ServerConfig = ServerConfig()
-    index: IndexConfig = IndexConfig()
+    index: IndexConfig = JsonlIndexConfig()
     version_gate: GateConfig = GateConfig()
     auth: AuthConfig = AuthConfig()
     # Where the config came from; used in messages only.
@@ -145,6 +159,9 @@ def _check_semantics(config: ReceiverConfig) -> None:
         )
     if config.auth.mode == "tokens" and config.auth.tokens_file is None:
         raise ConfigError(config.source, "auth.tokens_file", 'required when auth.mode = "tokens"')
+    index = config.index
+    if isinstance(index, PostgresIndexConfig) and bool(index.dsn) == (index.dsn_file is not None):
+        raise ConfigError(config.source, "index.dsn", "give exactly one of dsn and dsn_file")
     server = config.server
     if server.max_concurrent_uploads_per_host > server.max_concurrent_uploads:
         raise ConfigError(
@@ -192,14 +209,30 @@ def _resolve_paths(config: ReceiverConfig, base: Path) -> ReceiverConfig:
             auth,
             tokens_file=None if auth.tokens_file is None else resolve_path(base, auth.tokens_file),
         ),
+        index=_resolve_index_paths(config.index, base),
     )
+
+
+def _resolve_index_paths(index: IndexConfig, base: Path) -> IndexConfig:
+    if isinstance(index, PostgresIndexConfig) and index.dsn_file is not None:
+        return msgspec.structs.replace(index, dsn_file=resolve_path(base, index.dsn_file))
+    return index
+
+
+def _with_default_types(data: dict[str, Any]) -> dict[str, Any]:
+    """A section without `type` is the embedded default's (a tagged union needs the tag)."""
+    data = dict(data)
+    for section, default in (("storage", "filesystem"), ("index", "jsonl")):
+        if isinstance(data.get(section), dict) and "type" not in data[section]:
+            data[section] = {**data[section], "type": default}
+    return data
 
 
 def from_mapping(data: dict[str, Any], source: str, base: Path) -> ReceiverConfig:
     """Validate parsed TOML; relative paths are taken relative to base."""
     if "source" in data:
         raise ConfigError(source, "source", "unknown key")
-    config = convert(source, {**data, "source": source}, ReceiverConfig)
+    config = convert(source, _with_default_types(data) | {"source": source}, ReceiverConfig)
     config = _resolve_paths(config, base)
     _check_semantics(config)
     return config

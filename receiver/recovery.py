@@ -14,6 +14,7 @@ import os
 
 from receiver.config import ReceiverConfig
 from receiver.storage import (
+    BackendUnavailable,
     CatalogueCorrupt,
     DataDirLayout,
     DurabilityError,
@@ -57,6 +58,9 @@ def take_instance_lock(config: ReceiverConfig) -> int:
 def recover(config: ReceiverConfig) -> None:
     try:
         storage = _recover(config)
+    except BackendUnavailable as error:
+        # The database or object store is down: a restart later may find it up.
+        raise RecoveryIOError(f"recovery could not reach a storage backend: {error}") from None
     except (DurabilityError, OSError) as error:
         # A full or failing disk: one line and exit 70 (systemd restarts us), no traceback.
         raise RecoveryIOError(

@@ -18,10 +18,13 @@ REQUIREMENTS=(
   "python_ok|python3 python3-venv"              # the virtualenv make test builds
   "have_browser|chromium"                       # the status page's browser test
   "[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]|fonts-dejavu-core"
+  "have_postgres|postgresql"                    # the PostgreSQL catalogue's tests
+  "have runuser|util-linux"                     # initdb runs as the postgres user
 )
 
 have() { command -v "$1" >/dev/null 2>&1; }
 have_browser() { have chromium || have chromium-browser || have google-chrome; }
+have_postgres() { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; }
 python_ok() {
   "$PYTHON" -c 'import sys, venv, ensurepip; assert sys.version_info >= (3, 11)' 2>/dev/null
 }

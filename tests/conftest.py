@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.postgres import PostgresServer, start_postgres
 from tests.support import (
     SESSION_ENV,
     ReceiverProcess,
@@ -77,3 +78,19 @@ def start_receiver(tmp_path: Path) -> Iterator[StartReceiver]:
     for process in started:
         if process.proc is not None:
             process.kill()  # the whole process group, workers included
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL cluster for the session; each test gets its own database."""
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> str:
+    """A fresh, empty database of the session's cluster."""
+    return postgres_server.create_database(f"t_{uuid.uuid4().hex[:12]}")

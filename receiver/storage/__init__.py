@@ -8,7 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from receiver.config import FilesystemStorageConfig, JsonlIndexConfig, ReceiverConfig
+from receiver.config import (
+    FilesystemStorageConfig,
+    JsonlIndexConfig,
+    PostgresIndexConfig,
+    ReceiverConfig,
+)
 from receiver.storage.base import (
     BackendUnavailable,
     BlobListing,
@@ -104,6 +109,11 @@ def _catalogue(config: ReceiverConfig, layout: DataDirLayout) -> Catalogue:
     match config.index:
         case JsonlIndexConfig():
             return JsonlCatalogue(layout.index_path, layout.claims_path)
+        case PostgresIndexConfig():
+            # Imported here: a receiver on the embedded default never loads the driver.
+            from receiver.storage.postgresql import PostgresCatalogue
+
+            return PostgresCatalogue(config.index)
 
 
 # Start-up recovery's loaded catalogue, for the app when both run in one process (one

@@ -163,6 +163,10 @@ class Catalogue(Protocol):
 
     def host_summaries(self) -> dict[str, HostSummary]: ...
 
+    def unready_reason(self) -> str | None:
+        """Why a row could not be written now; None when it could (for /readyz)."""
+        ...
+
     def rows_after(self, key: tuple[str, str] | None) -> Iterator[IndexRow]:
         """Rows in the order they were committed, after the row of key (None: all of them);
         KeyError when key has no row. For export: resumable from the last row copied."""

@@ -135,6 +135,11 @@ class JsonlCatalogue:
         self.refresh()
         return summarise_hosts(list(self._view.values()))
 
+    def unready_reason(self) -> str | None:
+        if not os.access(self.path.parent, os.W_OK | os.X_OK):
+            return f"catalogue: {self.path.parent} is missing or not writable"
+        return None
+
     def rows_after(self, key: tuple[str, str] | None) -> Iterator[IndexRow]:
         """File order is commit order. A line counts when it is the row in force for its key
         (not a later duplicate): lookups decide, so no set of every key seen is kept."""

@@ -136,6 +136,9 @@ class MemoryCatalogue:
     def host_summaries(self) -> dict[str, HostSummary]:
         return summarise_hosts(list(self.rows.values()))
 
+    def unready_reason(self) -> str | None:
+        return None
+
     def rows_after(self, key: tuple[str, str] | None) -> Iterator[IndexRow]:
         keys = list(self.rows)  # a dict keeps insertion order: commit order here
         if key is not None and key not in self.rows:
