@@ -15,6 +15,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from episode_common.wire import ID_RULE, is_valid_id
 from shipper import retention
 from shipper.backoff import ReceiverHealth
 from shipper.config import ShipperConfig
@@ -23,7 +24,7 @@ from shipper.pipeline import Pipeline
 from shipper.progress import Progress
 from shipper.queue import Queue
 from shipper.retention import late_files
-from shipper.spool import ID_PATTERN, Entry, entry_for, last_change, watch_names
+from shipper.spool import Entry, entry_for, last_change, watch_names
 from shipper.upload import ReceiverClient
 
 log = logging.getLogger(__name__)
@@ -163,8 +164,8 @@ class Daemon:
             self.unsettled.pop(name, None)
             self.events_at.pop(name, None)
             error = None
-            if not ID_PATTERN.fullmatch(entry.episode_id):
-                error = "invalid episode id: must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+            if not is_valid_id(entry.episode_id):
+                error = f"invalid episode id: must match {ID_RULE}"
             if not self.queue.add(entry.episode_id, entry.path, entry.kind, error):
                 # Both <id>/ and <id>.tar.zst turned up in this same scan.
                 if (first := self.queue.get(entry.episode_id)) is not None:

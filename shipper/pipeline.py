@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from episode_common.config_loading import ConfigError
+from episode_common.wire import TARBALL_SUFFIX
 from shipper import changes
 from shipper.backoff import ReceiverHealth, backoff_seconds
 from shipper.config import ShipperConfig, read_token
@@ -345,7 +346,7 @@ class Pipeline:
             elif episode.packed_path is not None:
                 keep.add(episode.packed_path)
         removed = 0
-        for path in self.packed_dir.glob("*.tar.zst"):
+        for path in self.packed_dir.glob(f"*{TARBALL_SUFFIX}"):
             if path not in keep:
                 path.unlink(missing_ok=True)
                 removed += 1
