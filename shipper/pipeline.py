@@ -17,6 +17,7 @@ from pathlib import Path
 from episode_common.config_loading import ConfigError
 from episode_common.wire import TARBALL_SUFFIX
 from shipper import changes
+from shipper.async_queue import AsyncQueue
 from shipper.backoff import ReceiverHealth, backoff_seconds
 from shipper.config import ShipperConfig, read_token
 from shipper.inflight import InFlight
@@ -31,7 +32,6 @@ from shipper.outcome import (
 )
 from shipper.pack import PackAborted, Packed, PackError, hash_file, pack_directory
 from shipper.progress import Progress
-from shipper.queue import Queue
 from shipper.spool import BadEpisode, Entry, Kind, read_commit
 from shipper.states import Episode, ReceiverState, State
 from shipper.upload import LocalFileChanged, ReceiverClient, ReceiverUnreachable
@@ -47,7 +47,7 @@ class Pipeline:
     def __init__(
         self,
         config: ShipperConfig,
-        queue: Queue,
+        queue: AsyncQueue,
         client: ReceiverClient,
         health: ReceiverHealth,
         *,
@@ -71,7 +71,7 @@ class Pipeline:
     async def prepare(self, episode: Episode) -> None:
         """Read the commit, then pack (directories) or hash (tarballs) the episode."""
         episode_id = episode.episode_id
-        if not self.queue.start_packing(episode_id):
+        if not await self.queue.start_packing(episode_id):
             return
         try:
             entry = Entry(episode_id, episode.source, episode.kind)
@@ -79,13 +79,13 @@ class Pipeline:
             if commit is None:
                 commit = await asyncio.to_thread(read_commit, entry)
             # First: an episode parked for a refused commit keeps it (status, retry --commit).
-            self.queue.set_commit(episode_id, commit)
-            if self._refused(episode, commit):
+            await self.queue.set_commit(episode_id, commit)
+            if await self._refused(episode, commit):
                 return
             started = time.monotonic()
             packed = await asyncio.to_thread(self._pack, entry)
             manifest = None if packed.manifest is None else changes.encode(packed.manifest)
-            self.queue.finish_packing(
+            await self.queue.finish_packing(
                 episode_id, packed.path, packed.sha256, packed.size_bytes, manifest
             )
             elapsed = max(time.monotonic() - started, 1e-6)
@@ -99,25 +99,29 @@ class Pipeline:
                 packed.size_bytes / MiB / elapsed,
             )
         except (BadEpisode, PackError) as error:
-            self.queue.fatal(episode_id, str(error))
+            await self.queue.fatal(episode_id, str(error))
             log.error("%s: not shipped: %s", episode_id, error)
         except FileNotFoundError as error:
-            self.queue.fatal(episode_id, f"spool entry vanished: {error.filename}")
+            await self.queue.fatal(episode_id, f"spool entry vanished: {error.filename}")
             log.error("%s: spool entry vanished: %s", episode_id, error.filename)
         except OSError as error:
             delay = self._episode_delay(episode, None)
-            self.queue.retry_later(episode_id, f"packing failed: {error}", time.time() + delay)
+            await self.queue.retry_later(
+                episode_id, f"packing failed: {error}", time.time() + delay
+            )
             log.warning("%s: packing failed (%s); retry in %.0f s", episode_id, error, delay)
         except PackAborted:
-            self.queue.abandon(episode_id)
+            await self.queue.abandon(episode_id)
             log.info("%s: packing abandoned for shutdown", episode_id)
         except asyncio.CancelledError:
-            self.queue.abandon(episode_id)
+            await self.queue.abandon(episode_id)
             log.info("%s: packing abandoned for shutdown", episode_id)
             raise
         except Exception as error:  # a bug must not leave the episode "packing" for ever
             delay = self._episode_delay(episode, None)
-            self.queue.retry_later(episode_id, f"unexpected error: {error!r}", time.time() + delay)
+            await self.queue.retry_later(
+                episode_id, f"unexpected error: {error!r}", time.time() + delay
+            )
             log.exception("%s: unexpected error while packing", episode_id)
 
     def _pack(self, entry: Entry) -> Packed:
@@ -132,14 +136,14 @@ class Pipeline:
             stop=self.stop_packing,
         )
 
-    def _refused(self, episode: Episode, commit: str) -> bool:
+    async def _refused(self, episode: Episode, commit: str) -> bool:
         """Park the episode without any request when its commit was refused before."""
-        refusal = self.queue.refusal(commit)
+        refusal = await self.queue.refusal(commit)
         if refusal is None:
             return False
         episode_id = episode.episode_id
-        self.queue.fatal(episode_id, refusal.reason, refusal.remediation)
-        self._drop_packed_copy(episode)
+        await self.queue.fatal(episode_id, refusal.reason, refusal.remediation)
+        await self._drop_packed_copy(episode)
         log.error("%s: commit %s was refused earlier; parked without upload", episode_id, commit)
         return True
 
@@ -158,10 +162,12 @@ class Pipeline:
         assert episode.commit is not None and episode.sha256 is not None
         if not self.packed_copy_ok(episode):
             log.warning("%s: packed copy missing or changed; preparing it again", episode_id)
-            self.queue.forget_packed(episode_id)
+            await self.queue.forget_packed(episode_id)
             self.health.abandoned(token)
             return
-        if self._refused(episode, episode.commit) or not self.queue.start_upload(episode_id):
+        if await self._refused(episode, episode.commit) or not await self.queue.start_upload(
+            episode_id
+        ):
             self.health.abandoned(token)
             return
         if self.held is not None:
@@ -173,14 +179,14 @@ class Pipeline:
         except LocalFileChanged as error:
             outcome = Outcome(Verdict.DIGEST_MISMATCH, str(error))
         except asyncio.CancelledError:
-            self.queue.abandon(episode_id)
+            await self.queue.abandon(episode_id)
             self.health.abandoned(token)
             log.info("%s: upload abandoned for shutdown", episode_id)
             raise
         except Exception as error:  # a bug must not leave the episode "uploading" for ever
             log.exception("%s: unexpected error while uploading", episode_id)
             outcome = Outcome(Verdict.RETRY_EPISODE, f"unexpected error: {error!r}")
-        self._apply(episode, outcome, token)
+        await self._apply(episode, outcome, token)
 
     async def _exchange(self, episode: Episode) -> Outcome:
         assert episode.commit is not None and episode.sha256 is not None
@@ -229,13 +235,13 @@ class Pipeline:
             retry_after=retry_after,
         )
 
-    def _apply(self, episode: Episode, outcome: Outcome, token: int) -> None:
+    async def _apply(self, episode: Episode, outcome: Outcome, token: int) -> None:
         episode_id, verdict = episode.episode_id, outcome.verdict
         if verdict is Verdict.RETRY_RECEIVER:
             self.health.failed(token, outcome.reason, outcome.retry_after)
             next_try = max(self.health.next_try, time.time())
-            self.queue.retry_later(episode_id, outcome.reason, next_try)
-            self._save_health()
+            await self.queue.retry_later(episode_id, outcome.reason, next_try)
+            await self._save_health()
             log.warning(
                 "%s: receiver unavailable: %s; %d consecutive failure(s), retry in %.0f s",
                 episode_id,
@@ -245,52 +251,52 @@ class Pipeline:
             )
             return
         if verdict is Verdict.HELD:
-            self._hold(episode_id, outcome, token)
+            await self._hold(episode_id, outcome, token)
             return
         was_unhealthy = not self.health.healthy
         self.health.succeeded(token)
         if was_unhealthy:
-            self._save_health()
+            await self._save_health()
             log.info("receiver %s answers again", self.config.receiver_url)
         if self.held is not None:
             self.held = None
             log.info("receiver %s accepts our token again", self.config.receiver_url)
         if verdict is Verdict.SHIPPED:
-            self.queue.shipped(episode_id)
+            await self.queue.shipped(episode_id)
             log.info("%s: shipped (%s, sha256 %s)", episode_id, outcome.reason, episode.sha256)
-            self._drop_packed_copy(episode)
+            await self._drop_packed_copy(episode)
             if outcome.behind_by_warning and episode.commit not in self.warned_commits:
                 # Once per commit and process: a hint, not an alarm for every episode.
                 self.warned_commits.add(str(episode.commit))
                 log.warning("%s: the receiver warns: %s", episode_id, outcome.behind_by_warning)
         elif verdict is Verdict.STALE:
-            self._stale(episode, outcome)
+            await self._stale(episode, outcome)
         elif verdict is Verdict.DIGEST_MISMATCH:
             if episode.digest_retries >= self.config.retry.digest_mismatch_attempts:
-                self.queue.fatal(episode_id, f"{outcome.reason} (after re-hashing)")
-                self._drop_packed_copy(episode)
+                await self.queue.fatal(episode_id, f"{outcome.reason} (after re-hashing)")
+                await self._drop_packed_copy(episode)
                 log.error("%s: fatal: %s, even after re-hashing", episode_id, outcome.reason)
             else:
-                self._drop_packed_copy(episode)
-                self.queue.digest_mismatch(episode_id, outcome.reason)
+                await self._drop_packed_copy(episode)
+                await self.queue.digest_mismatch(episode_id, outcome.reason)
                 log.warning("%s: %s; hashing the local copy again", episode_id, outcome.reason)
         elif verdict is Verdict.FATAL:
-            self.queue.fatal(episode_id, outcome.reason, outcome.remediation)
-            self._drop_packed_copy(episode)
+            await self.queue.fatal(episode_id, outcome.reason, outcome.remediation)
+            await self._drop_packed_copy(episode)
             log.error("%s: fatal: %s", episode_id, outcome.reason)
         else:  # RETRY_EPISODE, or PROCEED where a final answer was due
             delay = self._episode_delay(episode, outcome.retry_after)
-            self.queue.retry_later(episode_id, outcome.reason, time.time() + delay)
+            await self.queue.retry_later(episode_id, outcome.reason, time.time() + delay)
             log.warning("%s: %s; retry in %.0f s", episode_id, outcome.reason, delay)
 
-    def _hold(self, episode_id: str, outcome: Outcome, token: int) -> None:
+    async def _hold(self, episode_id: str, outcome: Outcome, token: int) -> None:
         """401/403: every upload waits max_seconds; token_file is re-read before the next."""
         cap = self.config.retry.max_seconds
         reason = f"held: {outcome.reason}"
         self.health.failed(token, reason, retry_after=cap)
         next_try = max(self.health.next_try, time.time())
-        self.queue.retry_later(episode_id, reason, next_try)
-        self._save_health()
+        await self.queue.retry_later(episode_id, reason, next_try)
+        await self._save_health()
         if self.held == outcome.reason:
             log.info("%s: still held (%s); retry in %.0f s", episode_id, outcome.reason, cap)
             return
@@ -311,14 +317,14 @@ class Pipeline:
         except ConfigError as error:
             log.warning("%s; keeping the token read before", error)
 
-    def _stale(self, episode: Episode, outcome: Outcome) -> None:
+    async def _stale(self, episode: Episode, outcome: Outcome) -> None:
         commit = str(episode.commit)
-        self.queue.fatal(episode.episode_id, outcome.reason, outcome.remediation)
-        self._drop_packed_copy(episode)
-        new, parked = self.queue.refuse_commit(commit, outcome.reason, outcome.remediation)
+        await self.queue.fatal(episode.episode_id, outcome.reason, outcome.remediation)
+        await self._drop_packed_copy(episode)
+        new, parked = await self.queue.refuse_commit(commit, outcome.reason, outcome.remediation)
         for other_id in parked:
-            if (other := self.queue.get(other_id)) is not None:
-                self._drop_packed_copy(other)
+            if (other := await self.queue.get(other_id)) is not None:
+                await self._drop_packed_copy(other)
         if not new:
             return
         others = f"; also parked: {', '.join(parked)}" if parked else ""
@@ -333,16 +339,16 @@ class Pipeline:
             remediation.rstrip("\n"),
         )
 
-    def collect_garbage(self) -> int:
+    async def collect_garbage(self) -> int:
         """At start: delete packed copies that a crash left without a waiting episode.
 
         A kill between "shipped"/"fatal" and the unlink, or between the rename of a
         finished pack and its record, leaves such files; they are only disk space.
         """
         keep: set[Path] = set()
-        for episode in self.queue.packed_copies():
+        for episode in await self.queue.packed_copies():
             if episode.state in (State.SHIPPED, State.FATAL):
-                self._drop_packed_copy(episode)
+                await self._drop_packed_copy(episode)
             elif episode.packed_path is not None:
                 keep.add(episode.packed_path)
         removed = 0
@@ -352,14 +358,14 @@ class Pipeline:
                 removed += 1
         return removed
 
-    def _drop_packed_copy(self, episode: Episode) -> None:
+    async def _drop_packed_copy(self, episode: Episode) -> None:
         """Once shipped or parked, our tarball of a directory is only a second copy on disk."""
         path = episode.packed_path
         if episode.kind is Kind.DIRECTORY and path is not None and path.parent == self.packed_dir:
             path.unlink(missing_ok=True)
-            self.queue.packed_copy_removed(episode.episode_id)
+            await self.queue.packed_copy_removed(episode.episode_id)
 
-    def _save_health(self) -> None:
-        self.queue.save_receiver(
+    async def _save_health(self) -> None:
+        await self.queue.save_receiver(
             ReceiverState(self.health.failures, self.health.next_try, self.health.last_error)
         )
