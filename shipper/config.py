@@ -52,6 +52,11 @@ class ShipperConfig(Struct, frozen=True, forbid_unknown_fields=True):
     retention: RetentionConfig = RetentionConfig()
     source: str = "<built-in>"
 
+    @property
+    def packed_dir(self) -> Path:
+        """Where the shipper packs directories (the one place this path is spelled)."""
+        return self.state_dir / "packed"
+
 
 def from_mapping(data: dict[str, Any], source: str, base: Path) -> ShipperConfig:
     """Validate parsed TOML; relative paths are taken relative to base."""

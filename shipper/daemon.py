@@ -20,7 +20,6 @@ from shipper import retention
 from shipper.async_queue import AsyncQueue
 from shipper.backoff import ReceiverHealth
 from shipper.config import ShipperConfig
-from shipper.pack import remove_temporaries
 from shipper.pipeline import Pipeline
 from shipper.progress import Progress
 from shipper.queue import Queue
@@ -91,13 +90,10 @@ class Daemon:
         self.wake = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
-        spool_dir, packed_dir = self.config.spool_dir, self.pipeline.packed_dir
-        packed_dir.mkdir(parents=True, exist_ok=True)
-        remove_temporaries(packed_dir)
-        retention.finish_interrupted_deletions(spool_dir)
+        retention.finish_interrupted_deletions(self.config.spool_dir)
         if recovered := await self.queue.recover():
             log.info("resuming %d episode(s) interrupted by a crash or restart", recovered)
-        if orphans := await self.pipeline.collect_garbage():
+        if orphans := await self.pipeline.start():
             log.info("removed %d packed copy(ies) left without an episode", orphans)
         if self.once:
             await self.queue.make_due_now()
@@ -198,9 +194,9 @@ class Daemon:
             )
 
     async def _sweep(self) -> None:
-        spool_dir, packed_dir = self.config.spool_dir, self.pipeline.packed_dir
-        days = self.config.retention.delete_after_days
-        await retention.sweep(self.queue, spool_dir, packed_dir, days)
+        config = self.config
+        days = config.retention.delete_after_days
+        await retention.sweep(self.queue, config.spool_dir, config.packed_dir, days)
 
     async def _dispatch(self) -> None:
         """Start whatever may start now: one pack at a time, `concurrency` uploads."""
@@ -250,7 +246,7 @@ class Daemon:
     async def _relay(self, stop: asyncio.Event) -> None:
         await stop.wait()
         # Packing is abandoned at once; uploads get the grace period below.
-        self.pipeline.stop_packing.set()
+        self.pipeline.stop()
         self.wake.set()
 
     async def _watch(self, stop: asyncio.Event) -> None:
@@ -272,7 +268,7 @@ class Daemon:
             log.warning("watching %s failed (%s); relying on rescans", self.config.spool_dir, error)
 
     async def _shutdown(self, helpers: list[asyncio.Task[None]]) -> None:
-        self.pipeline.stop_packing.set()
+        self.pipeline.stop()
         in_flight = [*self.preparing.values(), *self.uploading.values()]
         if in_flight:
             grace = self.config.shutdown_grace_seconds
