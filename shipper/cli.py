@@ -29,7 +29,7 @@ from shipper.daemon import Daemon
 from shipper.progress import ClearLine, Progress
 from shipper.queue import Queue, QueueError
 from shipper.report import render_text, retry_hint_config, status_document
-from shipper.spool import normalise_commit
+from shipper.spool import unpadded_commit
 from shipper.states import State, connect
 from shipper.upload import ReceiverClient
 
@@ -205,7 +205,7 @@ def _status(config: ShipperConfig, *, as_json: bool) -> int:
 
 
 def _retry(config: ShipperConfig, ids: list[str], commit_arg: str | None) -> int:
-    commit = None if commit_arg is None else normalise_commit(commit_arg)
+    commit = None if commit_arg is None else unpadded_commit(commit_arg)
     if commit_arg is not None and commit is None:
         fail(PROG, f"--commit {commit_arg!r}: must be 40 or 64 hex digits")
     queue = _open_queue(config)

@@ -14,6 +14,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from episode_common.config_loading import ConfigError, convert, read_toml, resolve_path
+from episode_common.wire import DEFAULT_COMMIT_HEADER
 
 HostId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 URL_PATTERN = re.compile(r"https?://[^\s/]+(/\S*)?")
@@ -39,7 +40,7 @@ class ShipperConfig(Struct, frozen=True, forbid_unknown_fields=True):
     token_file: Path | None = None
     settle_seconds: Annotated[float, Meta(ge=0)] = 10.0
     concurrency: Annotated[int, Meta(ge=1, le=64)] = 2
-    commit_header: HeaderName = "X-Code-Commit"
+    commit_header: HeaderName = DEFAULT_COMMIT_HEADER
     zstd_level: Annotated[int, Meta(ge=1, le=22)] = 3
     zstd_threads: Annotated[int, Meta(ge=0, le=256)] = 0
     rescan_seconds: PositiveSeconds = 60.0
@@ -50,6 +51,11 @@ class ShipperConfig(Struct, frozen=True, forbid_unknown_fields=True):
     retry: RetryConfig = RetryConfig()
     retention: RetentionConfig = RetentionConfig()
     source: str = "<built-in>"
+
+    @property
+    def packed_dir(self) -> Path:
+        """Where the shipper packs directories (the one place this path is spelled)."""
+        return self.state_dir / "packed"
 
 
 def from_mapping(data: dict[str, Any], source: str, base: Path) -> ShipperConfig:

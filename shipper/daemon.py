@@ -15,15 +15,16 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from episode_common.wire import ID_RULE, is_valid_id
 from shipper import retention
+from shipper.async_queue import AsyncQueue
 from shipper.backoff import ReceiverHealth
 from shipper.config import ShipperConfig
-from shipper.pack import remove_temporaries
 from shipper.pipeline import Pipeline
 from shipper.progress import Progress
 from shipper.queue import Queue
 from shipper.retention import late_files
-from shipper.spool import ID_PATTERN, Entry, entry_for, last_change, watch_names
+from shipper.spool import Entry, entry_for, last_change, watch_names
 from shipper.upload import ReceiverClient
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,11 @@ class Daemon:
         health: ReceiverHealth | None = None,
     ) -> None:
         self.config = config
-        self.queue = queue
+        self.queue = AsyncQueue(queue)
         self.once = once
         retry = config.retry
         self.health = health or ReceiverHealth(retry.base_seconds, retry.max_seconds)
-        self.pipeline = Pipeline(config, queue, client, self.health, progress=progress)
+        self.pipeline = Pipeline(config, self.queue, client, self.health, progress=progress)
         self.preparing: dict[str, asyncio.Task[None]] = {}
         self.uploading: dict[str, asyncio.Task[None]] = {}
         self.unsettled: dict[str, float] = {}  # name -> when to look again
@@ -89,16 +90,13 @@ class Daemon:
         self.wake = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
-        spool_dir, packed_dir = self.config.spool_dir, self.pipeline.packed_dir
-        packed_dir.mkdir(parents=True, exist_ok=True)
-        remove_temporaries(packed_dir)
-        retention.finish_interrupted_deletions(spool_dir)
-        if recovered := self.queue.recover():
+        retention.finish_interrupted_deletions(self.config.spool_dir)
+        if recovered := await self.queue.recover():
             log.info("resuming %d episode(s) interrupted by a crash or restart", recovered)
-        if orphans := self.pipeline.collect_garbage():
+        if orphans := await self.pipeline.start():
             log.info("removed %d packed copy(ies) left without an episode", orphans)
         if self.once:
-            self.queue.make_due_now()
+            await self.queue.make_due_now()
         await self._scan(None)
         if self.once and self.unsettled:
             log.info(
@@ -126,12 +124,15 @@ class Daemon:
                 if now >= next_sweep:
                     await self._sweep()
                     next_sweep = now + min(self.config.rescan_seconds, 3600.0)
-                self._dispatch()
-                if self.once and not self.preparing and not self.uploading:
-                    break
+                # _dispatch awaits the queue, so a task may end while it runs (and set wake):
+                # only a turn in which none did may end `once`.
                 self.wake.clear()
+                await self._dispatch()
+                if self.once and not (self.preparing or self.uploading or self.wake.is_set()):
+                    break
+                timeout = await self._sleep_for(next_rescan)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), self._sleep_for(next_rescan))
+                    await asyncio.wait_for(self.wake.wait(), timeout)
             if self.once and self.config.retention.delete_after_days == 0:
                 await self._sweep()
         finally:
@@ -139,7 +140,7 @@ class Daemon:
 
     async def _scan(self, names: set[str] | None) -> None:
         """Register settled entries; remember when to look again at the others."""
-        known = self.queue.known_sources()
+        known = await self.queue.known_sources()
         found, clashes = await asyncio.to_thread(_survey, self.config.spool_dir, names, known)
         for entry in clashes:
             self._report_clash(entry, known[entry.episode_id])
@@ -163,11 +164,11 @@ class Daemon:
             self.unsettled.pop(name, None)
             self.events_at.pop(name, None)
             error = None
-            if not ID_PATTERN.fullmatch(entry.episode_id):
-                error = "invalid episode id: must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-            if not self.queue.add(entry.episode_id, entry.path, entry.kind, error):
+            if not is_valid_id(entry.episode_id):
+                error = f"invalid episode id: must match {ID_RULE}"
+            if not await self.queue.add(entry.episode_id, entry.path, entry.kind, error):
                 # Both <id>/ and <id>.tar.zst turned up in this same scan.
-                if (first := self.queue.get(entry.episode_id)) is not None:
+                if (first := await self.queue.get(entry.episode_id)) is not None:
                     self._report_clash(entry, first.source)
             elif error:
                 log.error("%s: not shipped: %s", name, error)
@@ -177,9 +178,9 @@ class Daemon:
     async def _look_for_late_files(self, names: set[str]) -> None:
         """Events in a queued directory: did it change after it was packed?"""
         for name in sorted(names):
-            episode = self.queue.get(name)
+            episode = await self.queue.get(name)
             if episode is not None and (files := await asyncio.to_thread(late_files, episode)):
-                retention.report_late_files(self.queue, episode, files)
+                await retention.report_late_files(self.queue, episode, files)
 
     def _report_clash(self, entry: Entry, first: Path) -> None:
         """Once per path: an id is shipped once, from the entry that was found first."""
@@ -193,21 +194,21 @@ class Daemon:
             )
 
     async def _sweep(self) -> None:
-        spool_dir, packed_dir = self.config.spool_dir, self.pipeline.packed_dir
-        days = self.config.retention.delete_after_days
-        await retention.sweep(self.queue, spool_dir, packed_dir, days)
+        config = self.config
+        days = config.retention.delete_after_days
+        await retention.sweep(self.queue, config.spool_dir, config.packed_dir, days)
 
-    def _dispatch(self) -> None:
+    async def _dispatch(self) -> None:
         """Start whatever may start now: one pack at a time, `concurrency` uploads."""
         now = time.time()
         busy = set(self.preparing) | set(self.uploading)
         if not self.preparing:
             limit = self.config.concurrency + PACK_AHEAD
-            episode = self.queue.next_to_prepare(now, busy)
-            if episode is not None and self.queue.packed_backlog() < limit:
+            episode = await self.queue.next_to_prepare(now, busy)
+            if episode is not None and await self.queue.packed_backlog() < limit:
                 self._start(self.preparing, episode.episode_id, self.pipeline.prepare(episode))
         while len(self.uploading) < self.config.concurrency and self.health.may_start():
-            episode = self.queue.next_to_upload(now, busy | set(self.uploading))
+            episode = await self.queue.next_to_upload(now, busy | set(self.uploading))
             if episode is None:
                 break
             token = self.health.start()
@@ -227,13 +228,13 @@ class Daemon:
 
         task.add_done_callback(finished)
 
-    def _sleep_for(self, next_rescan: float) -> float:
+    async def _sleep_for(self, next_rescan: float) -> float:
         """Until the next thing that time alone makes possible; task ends set wake."""
         now = time.time()
         wake_at = [now + MAX_SLEEP, *self.unsettled.values()]
         if not self.once:
             wake_at.append(next_rescan)
-        if (due := self.queue.next_due_at()) is not None:
+        if (due := await self.queue.next_due_at()) is not None:
             wake_at.append(due)
         if not self.health.healthy:
             wake_at.append(self.health.next_try)
@@ -245,7 +246,7 @@ class Daemon:
     async def _relay(self, stop: asyncio.Event) -> None:
         await stop.wait()
         # Packing is abandoned at once; uploads get the grace period below.
-        self.pipeline.stop_packing.set()
+        self.pipeline.stop()
         self.wake.set()
 
     async def _watch(self, stop: asyncio.Event) -> None:
@@ -267,7 +268,7 @@ class Daemon:
             log.warning("watching %s failed (%s); relying on rescans", self.config.spool_dir, error)
 
     async def _shutdown(self, helpers: list[asyncio.Task[None]]) -> None:
-        self.pipeline.stop_packing.set()
+        self.pipeline.stop()
         in_flight = [*self.preparing.values(), *self.uploading.values()]
         if in_flight:
             grace = self.config.shutdown_grace_seconds
@@ -279,3 +280,4 @@ class Daemon:
         for helper in helpers:
             helper.cancel()
         await asyncio.gather(*helpers, return_exceptions=True)
+        await self.queue.aclose()

@@ -1,18 +1,20 @@
 """Sequential output that bypasses the page cache (O_DIRECT) where the file system allows it.
 
-Why: writing a packed episode through the page cache costs the kernel a copy of every
-byte into freshly allocated page-cache pages (about a seventh of the packer's CPU on a
-two-core host, more than the sha256) and leaves the whole tarball dirty for the final
-fsync to push out. With O_DIRECT the device reads the bytes straight from one aligned
-buffer, the fsync has only the tail and the metadata left, and a lab host's page cache
-is not flooded with tarballs that are read once, by the upload.
-
-O_DIRECT needs the buffer address, the length and the file offset aligned, so bytes are
-gathered in a page-aligned buffer (an anonymous mmap) and written in whole buffers; the
-unaligned tail is written after O_DIRECT is switched off again. A file system that
-refuses O_DIRECT (EINVAL when it is set, or on the first write) gets ordinary buffered
-writes, with writeback started every few MiB so the final fsync still has little to do.
+A file system that refuses O_DIRECT gets ordinary buffered writes (with early writeback).
 """
+
+# Why: writing a packed episode through the page cache costs the kernel a copy of every
+# byte into freshly allocated page-cache pages (about a seventh of the packer's CPU on a
+# two-core host, more than the sha256) and leaves the whole tarball dirty for the final
+# fsync to push out. With O_DIRECT the device reads the bytes straight from one aligned
+# buffer, the fsync has only the tail and the metadata left, and a lab host's page cache
+# is not flooded with tarballs that are read once, by the upload.
+#
+# O_DIRECT needs the buffer address, the length and the file offset aligned, so bytes are
+# gathered in a page-aligned buffer (an anonymous mmap) and written in whole buffers; the
+# unaligned tail is written after O_DIRECT is switched off again. A file system that
+# refuses O_DIRECT (EINVAL when it is set, or on the first write) gets ordinary buffered
+# writes, with writeback started every few MiB so the final fsync still has little to do.
 
 from __future__ import annotations
 

@@ -60,11 +60,6 @@ _HELD = frozenset({401, 403})
 _DIGEST_ITEM = re.compile(r"\s*([A-Za-z0-9_-]+)\s*=\s*:([A-Za-z0-9+/=]*):\s*")
 
 
-def content_digest(sha256_hex: str) -> str:
-    """RFC 9530 `sha-256=:<base64>:` for a hex sha256."""
-    return "sha-256=:" + base64.b64encode(bytes.fromhex(sha256_hex)).decode("ascii") + ":"
-
-
 def sha256_from_digest_header(value: str | None) -> str | None:
     """The sha-256 member of a Repr-Digest/Content-Digest header, as lower-case hex."""
     if not value:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from episode_common.durable import fsync_dir
+from episode_common.wire import TARBALL_SUFFIX
 from shipper.direct_output import DirectOutput
 
 try:
@@ -194,7 +195,7 @@ def pack_directory(
     direct=False keeps the output in the page cache (O_DIRECT is otherwise used
     where the file system allows it; see shipper.direct_output).
     """
-    final = dest_dir / f"{episode_id}.tar.zst"
+    final = dest_dir / f"{episode_id}{TARBALL_SUFFIX}"
     tmp = dest_dir / f".{episode_id}.{secrets.token_hex(6)}.tmp"
     root = source.resolve()
     with open(tmp, "xb", buffering=0) as out:

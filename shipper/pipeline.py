@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import threading
 import time
-from pathlib import Path
 
 from episode_common.config_loading import ConfigError
 from shipper import changes
-from shipper.backoff import ReceiverHealth, backoff_seconds
+from shipper.async_queue import AsyncQueue
+from shipper.backoff import ReceiverHealth
 from shipper.config import ShipperConfig, read_token
+from shipper.effects import Effects, episode_delay
 from shipper.inflight import InFlight
 from shipper.outcome import (
     Outcome,
@@ -28,11 +28,17 @@ from shipper.outcome import (
     classify_refusal,
     transport_failure,
 )
-from shipper.pack import PackAborted, Packed, PackError, hash_file, pack_directory
+from shipper.pack import (
+    PackAborted,
+    Packed,
+    PackError,
+    hash_file,
+    pack_directory,
+    remove_temporaries,
+)
 from shipper.progress import Progress
-from shipper.queue import Queue
 from shipper.spool import BadEpisode, Entry, Kind, read_commit
-from shipper.states import Episode, ReceiverState, State
+from shipper.states import Episode
 from shipper.upload import LocalFileChanged, ReceiverClient, ReceiverUnreachable
 
 log = logging.getLogger(__name__)
@@ -41,36 +47,47 @@ MiB = 1 << 20
 
 
 class Pipeline:
-    """The per-episode steps; the daemon decides when each one runs."""
+    """The per-episode steps; the daemon decides when each one runs.
+
+    Its interface to the daemon: start, prepare, upload, stop; the rest is its own.
+    """
 
     def __init__(
         self,
         config: ShipperConfig,
-        queue: Queue,
+        queue: AsyncQueue,
         client: ReceiverClient,
         health: ReceiverHealth,
         *,
         progress: Progress | None = None,
     ) -> None:
-        self.config = config
-        self.queue = queue
-        self.client = client
-        self.health = health
-        self.packed_dir = config.state_dir / "packed"
-        self.stop_packing = threading.Event()
-        self.progress = progress
-        self.warned_commits: set[str] = set()
-        self.held: str | None = None  # the receiver's reason while it refuses our token
-        self.inflight = InFlight(
+        self._config = config
+        self._queue = queue
+        self._client = client
+        self._health = health
+        self._effects = Effects(config, queue, health)
+        self._stop_packing = threading.Event()
+        self._progress = progress
+        self._inflight = InFlight(
             config.state_dir, config.progress_record_seconds, config.progress_log_seconds
         )
+
+    async def start(self) -> int:
+        """Before the first step: a clean packed_dir; returns how many orphans were removed."""
+        self._config.packed_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(remove_temporaries, self._config.packed_dir)
+        return await self._effects.collect_garbage()
+
+    def stop(self) -> None:
+        """Abandon packing at once (shutdown); uploads in flight carry on."""
+        self._stop_packing.set()
 
     # --- prepare ----------------------------------------------------------------------
 
     async def prepare(self, episode: Episode) -> None:
         """Read the commit, then pack (directories) or hash (tarballs) the episode."""
         episode_id = episode.episode_id
-        if not self.queue.start_packing(episode_id):
+        if not await self._queue.start_packing(episode_id):
             return
         try:
             entry = Entry(episode_id, episode.source, episode.kind)
@@ -78,13 +95,13 @@ class Pipeline:
             if commit is None:
                 commit = await asyncio.to_thread(read_commit, entry)
             # First: an episode parked for a refused commit keeps it (status, retry --commit).
-            self.queue.set_commit(episode_id, commit)
-            if self._refused(episode, commit):
+            await self._queue.set_commit(episode_id, commit)
+            if await self._effects.refused(episode, commit):
                 return
             started = time.monotonic()
             packed = await asyncio.to_thread(self._pack, entry)
             manifest = None if packed.manifest is None else changes.encode(packed.manifest)
-            self.queue.finish_packing(
+            await self._queue.finish_packing(
                 episode_id, packed.path, packed.sha256, packed.size_bytes, manifest
             )
             elapsed = max(time.monotonic() - started, 1e-6)
@@ -98,53 +115,46 @@ class Pipeline:
                 packed.size_bytes / MiB / elapsed,
             )
         except (BadEpisode, PackError) as error:
-            self.queue.fatal(episode_id, str(error))
+            await self._queue.fatal(episode_id, str(error))
             log.error("%s: not shipped: %s", episode_id, error)
         except FileNotFoundError as error:
-            self.queue.fatal(episode_id, f"spool entry vanished: {error.filename}")
+            await self._queue.fatal(episode_id, f"spool entry vanished: {error.filename}")
             log.error("%s: spool entry vanished: %s", episode_id, error.filename)
         except OSError as error:
-            delay = self._episode_delay(episode, None)
-            self.queue.retry_later(episode_id, f"packing failed: {error}", time.time() + delay)
+            delay = episode_delay(self._config, episode, None)
+            await self._queue.retry_later(
+                episode_id, f"packing failed: {error}", time.time() + delay
+            )
             log.warning("%s: packing failed (%s); retry in %.0f s", episode_id, error, delay)
         except PackAborted:
-            self.queue.abandon(episode_id)
+            await self._queue.abandon(episode_id)
             log.info("%s: packing abandoned for shutdown", episode_id)
         except asyncio.CancelledError:
-            self.queue.abandon(episode_id)
+            await self._queue.abandon(episode_id)
             log.info("%s: packing abandoned for shutdown", episode_id)
             raise
         except Exception as error:  # a bug must not leave the episode "packing" for ever
-            delay = self._episode_delay(episode, None)
-            self.queue.retry_later(episode_id, f"unexpected error: {error!r}", time.time() + delay)
+            delay = episode_delay(self._config, episode, None)
+            await self._queue.retry_later(
+                episode_id, f"unexpected error: {error!r}", time.time() + delay
+            )
             log.exception("%s: unexpected error while packing", episode_id)
 
     def _pack(self, entry: Entry) -> Packed:
         if entry.kind is Kind.TARBALL:
-            return hash_file(entry.path, self.stop_packing)
+            return hash_file(entry.path, self._stop_packing)
         return pack_directory(
             entry.path,
-            self.packed_dir,
+            self._config.packed_dir,
             entry.episode_id,
-            level=self.config.zstd_level,
-            threads=self.config.zstd_threads,
-            stop=self.stop_packing,
+            level=self._config.zstd_level,
+            threads=self._config.zstd_threads,
+            stop=self._stop_packing,
         )
-
-    def _refused(self, episode: Episode, commit: str) -> bool:
-        """Park the episode without any request when its commit was refused before."""
-        refusal = self.queue.refusal(commit)
-        if refusal is None:
-            return False
-        episode_id = episode.episode_id
-        self.queue.fatal(episode_id, refusal.reason, refusal.remediation)
-        self._drop_packed_copy(episode)
-        log.error("%s: commit %s was refused earlier; parked without upload", episode_id, commit)
-        return True
 
     # --- upload -----------------------------------------------------------------------
 
-    def packed_copy_ok(self, episode: Episode) -> bool:
+    def _packed_copy_ok(self, episode: Episode) -> bool:
         path = episode.packed_path
         try:
             return path is not None and path.stat().st_size == episode.size_bytes
@@ -155,15 +165,17 @@ class Pipeline:
         """HEAD, then PUT unless the answer already decided; record the verdict."""
         episode_id = episode.episode_id
         assert episode.commit is not None and episode.sha256 is not None
-        if not self.packed_copy_ok(episode):
+        if not self._packed_copy_ok(episode):
             log.warning("%s: packed copy missing or changed; preparing it again", episode_id)
-            self.queue.forget_packed(episode_id)
-            self.health.abandoned(token)
+            await self._queue.forget_packed(episode_id)
+            self._health.abandoned(token)
             return
-        if self._refused(episode, episode.commit) or not self.queue.start_upload(episode_id):
-            self.health.abandoned(token)
+        if await self._effects.refused(
+            episode, episode.commit
+        ) or not await self._queue.start_upload(episode_id):
+            self._health.abandoned(token)
             return
-        if self.held is not None:
+        if self._effects.token_refused:
             self._reload_token()
         try:
             outcome = await self._exchange(episode)
@@ -172,39 +184,39 @@ class Pipeline:
         except LocalFileChanged as error:
             outcome = Outcome(Verdict.DIGEST_MISMATCH, str(error))
         except asyncio.CancelledError:
-            self.queue.abandon(episode_id)
-            self.health.abandoned(token)
+            await self._queue.abandon(episode_id)
+            self._health.abandoned(token)
             log.info("%s: upload abandoned for shutdown", episode_id)
             raise
         except Exception as error:  # a bug must not leave the episode "uploading" for ever
             log.exception("%s: unexpected error while uploading", episode_id)
             outcome = Outcome(Verdict.RETRY_EPISODE, f"unexpected error: {error!r}")
-        self._apply(episode, outcome, token)
+        await self._effects.apply(episode, outcome, token)
 
     async def _exchange(self, episode: Episode) -> Outcome:
         assert episode.commit is not None and episode.sha256 is not None
         assert episode.packed_path is not None and episode.size_bytes is not None
-        head = await self.client.head(episode.episode_id, episode.commit)
+        head = await self._client.head(episode.episode_id, episode.commit)
         outcome = classify_head(head, episode.sha256)
         if head.status in (400, 412):
-            outcome = classify_gate(await self.client.gate(episode.commit), outcome)
+            outcome = classify_gate(await self._client.gate(episode.commit), outcome)
         elif outcome.verdict is Verdict.HELD:
-            refusal = await self.client.refusal(episode.episode_id, episode.commit)
+            refusal = await self._client.refusal(episode.episode_id, episode.commit)
             outcome = classify_refusal(refusal, outcome)
         if outcome.verdict is not Verdict.PROCEED:
             return outcome
-        episode_id, bar = episode.episode_id, self.progress
+        episode_id, bar = episode.episode_id, self._progress
         if bar is not None:
             bar.upload_started(episode.size_bytes)
-        self.inflight.started(episode_id, episode.size_bytes)
+        self._inflight.started(episode_id, episode.size_bytes)
 
         def advance(count: int) -> None:
-            self.inflight.advance(episode_id, count)
+            self._inflight.advance(episode_id, count)
             if bar is not None:
                 bar.advance(count)
 
         try:
-            reply = await self.client.put(
+            reply = await self._client.put(
                 episode_id,
                 episode.commit,
                 episode.packed_path,
@@ -213,152 +225,13 @@ class Pipeline:
                 advance,
             )
         finally:
-            self.inflight.ended(episode_id)
+            self._inflight.ended(episode_id)
             if bar is not None:
                 bar.upload_ended()
         return classify_put(reply, episode.sha256)
 
-    def _episode_delay(self, episode: Episode, retry_after: float | None) -> float:
-        retry = self.config.retry
-        return backoff_seconds(
-            episode.attempts + 1,
-            base=retry.base_seconds,
-            cap=retry.max_seconds,
-            jitter=random.random(),
-            retry_after=retry_after,
-        )
-
-    def _apply(self, episode: Episode, outcome: Outcome, token: int) -> None:
-        episode_id, verdict = episode.episode_id, outcome.verdict
-        if verdict is Verdict.RETRY_RECEIVER:
-            self.health.failed(token, outcome.reason, outcome.retry_after)
-            next_try = max(self.health.next_try, time.time())
-            self.queue.retry_later(episode_id, outcome.reason, next_try)
-            self._save_health()
-            log.warning(
-                "%s: receiver unavailable: %s; %d consecutive failure(s), retry in %.0f s",
-                episode_id,
-                outcome.reason,
-                self.health.failures,
-                next_try - time.time(),
-            )
-            return
-        if verdict is Verdict.HELD:
-            self._hold(episode_id, outcome, token)
-            return
-        was_unhealthy = not self.health.healthy
-        self.health.succeeded(token)
-        if was_unhealthy:
-            self._save_health()
-            log.info("receiver %s answers again", self.config.receiver_url)
-        if self.held is not None:
-            self.held = None
-            log.info("receiver %s accepts our token again", self.config.receiver_url)
-        if verdict is Verdict.SHIPPED:
-            self.queue.shipped(episode_id)
-            log.info("%s: shipped (%s, sha256 %s)", episode_id, outcome.reason, episode.sha256)
-            self._drop_packed_copy(episode)
-            if outcome.behind_by_warning and episode.commit not in self.warned_commits:
-                # Once per commit and process: a hint, not an alarm for every episode.
-                self.warned_commits.add(str(episode.commit))
-                log.warning("%s: the receiver warns: %s", episode_id, outcome.behind_by_warning)
-        elif verdict is Verdict.STALE:
-            self._stale(episode, outcome)
-        elif verdict is Verdict.DIGEST_MISMATCH:
-            if episode.digest_retries >= self.config.retry.digest_mismatch_attempts:
-                self.queue.fatal(episode_id, f"{outcome.reason} (after re-hashing)")
-                self._drop_packed_copy(episode)
-                log.error("%s: fatal: %s, even after re-hashing", episode_id, outcome.reason)
-            else:
-                self._drop_packed_copy(episode)
-                self.queue.digest_mismatch(episode_id, outcome.reason)
-                log.warning("%s: %s; hashing the local copy again", episode_id, outcome.reason)
-        elif verdict is Verdict.FATAL:
-            self.queue.fatal(episode_id, outcome.reason, outcome.remediation)
-            self._drop_packed_copy(episode)
-            log.error("%s: fatal: %s", episode_id, outcome.reason)
-        else:  # RETRY_EPISODE, or PROCEED where a final answer was due
-            delay = self._episode_delay(episode, outcome.retry_after)
-            self.queue.retry_later(episode_id, outcome.reason, time.time() + delay)
-            log.warning("%s: %s; retry in %.0f s", episode_id, outcome.reason, delay)
-
-    def _hold(self, episode_id: str, outcome: Outcome, token: int) -> None:
-        """401/403: every upload waits max_seconds; token_file is re-read before the next."""
-        cap = self.config.retry.max_seconds
-        reason = f"held: {outcome.reason}"
-        self.health.failed(token, reason, retry_after=cap)
-        next_try = max(self.health.next_try, time.time())
-        self.queue.retry_later(episode_id, reason, next_try)
-        self._save_health()
-        if self.held == outcome.reason:
-            log.info("%s: still held (%s); retry in %.0f s", episode_id, outcome.reason, cap)
-            return
-        self.held = outcome.reason
-        # Once per reason: every episode is held for the same token.
-        log.error(
-            "receiver %s refuses our token (%s): uploads held, not fatal; install the host's"
-            " token in %s, it is re-read before each retry (every %.0f s, no restart needed)",
-            self.config.receiver_url,
-            outcome.reason,
-            self.config.token_file or "token_file (not set in the config)",
-            cap,
-        )
-
     def _reload_token(self) -> None:
         try:
-            self.client.set_token(read_token(self.config))
+            self._client.set_token(read_token(self._config))
         except ConfigError as error:
             log.warning("%s; keeping the token read before", error)
-
-    def _stale(self, episode: Episode, outcome: Outcome) -> None:
-        commit = str(episode.commit)
-        self.queue.fatal(episode.episode_id, outcome.reason, outcome.remediation)
-        self._drop_packed_copy(episode)
-        new, parked = self.queue.refuse_commit(commit, outcome.reason, outcome.remediation)
-        for other_id in parked:
-            if (other := self.queue.get(other_id)) is not None:
-                self._drop_packed_copy(other)
-        if not new:
-            return
-        others = f"; also parked: {', '.join(parked)}" if parked else ""
-        remediation = outcome.remediation or "(the receiver sent no remediation)"
-        # Logged once per commit, verbatim: operators copy it into the host's shell.
-        log.error(
-            "commit %s refused by the receiver (%s): %s parked without upload%s. Remediation:\n%s",
-            commit,
-            outcome.reason,
-            episode.episode_id,
-            others,
-            remediation.rstrip("\n"),
-        )
-
-    def collect_garbage(self) -> int:
-        """At start: delete packed copies that a crash left without a waiting episode.
-
-        A kill between "shipped"/"fatal" and the unlink, or between the rename of a
-        finished pack and its record, leaves such files; they are only disk space.
-        """
-        keep: set[Path] = set()
-        for episode in self.queue.packed_copies():
-            if episode.state in (State.SHIPPED, State.FATAL):
-                self._drop_packed_copy(episode)
-            elif episode.packed_path is not None:
-                keep.add(episode.packed_path)
-        removed = 0
-        for path in self.packed_dir.glob("*.tar.zst"):
-            if path not in keep:
-                path.unlink(missing_ok=True)
-                removed += 1
-        return removed
-
-    def _drop_packed_copy(self, episode: Episode) -> None:
-        """Once shipped or parked, our tarball of a directory is only a second copy on disk."""
-        path = episode.packed_path
-        if episode.kind is Kind.DIRECTORY and path is not None and path.parent == self.packed_dir:
-            path.unlink(missing_ok=True)
-            self.queue.packed_copy_removed(episode.episode_id)
-
-    def _save_health(self) -> None:
-        self.queue.save_receiver(
-            ReceiverState(self.health.failures, self.health.next_try, self.health.last_error)
-        )

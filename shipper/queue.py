@@ -1,29 +1,25 @@
-"""The durable queue: one SQLite database (WAL, synchronous=FULL) in state_dir.
+"""The durable queue's writes: one SQLite database (WAL, synchronous=FULL) in state_dir.
 
-Every state change is one committed transaction, durable before the call
-returns, so a kill -9 or power cut at any instant leaves either the old or the
-new state. Rows are never removed: a shipped id stays known, so an episode that
-reappears in the spool is not shipped twice. See docs/design.md.
+Every state change is one committed transaction, durable before the call returns, so a
+kill -9 or power cut leaves the old or the new state. Rows are never removed: a shipped
+id stays known and is not shipped twice. Coroutines go through shipper.async_queue.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
-from collections.abc import Set as AbstractSet
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
+from shipper.queue_reads import QueueReads
 from shipper.spool import Kind
 from shipper.states import (
     MIGRATIONS,
     SCHEMA,
     SCHEMA_VERSION,
     WAITING,
-    Episode,
     ReceiverState,
-    Refusal,
     State,
     connect,
 )
@@ -33,11 +29,11 @@ class QueueError(Exception):
     """The state database cannot be used by this version."""
 
 
-class Queue:
+class Queue(QueueReads):
     """All reads and writes of the shipper's state. One process writes (see daemon lock)."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
+        super().__init__(conn)
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise QueueError(f"queue schema {version} is newer than this shipper's")
@@ -56,27 +52,6 @@ class Queue:
 
     def close(self) -> None:
         self.conn.close()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
-
-    def _update(self, episode_id: str, expect: tuple[State, ...], **fields: object) -> bool:
-        """Set fields on one episode if it is in one of the expected states."""
-        fields["updated_at"] = time.time()
-        assignments = ", ".join(f"{name} = ?" for name in fields)
-        marks = ", ".join("?" for _ in expect)
-        cursor = self.conn.execute(
-            f"UPDATE episodes SET {assignments} WHERE episode_id = ? AND state IN ({marks})",
-            [*(str(v) if isinstance(v, Path) else v for v in fields.values()), episode_id, *expect],
-        )
-        return cursor.rowcount == 1
 
     # --- discovery and recovery -------------------------------------------------
 
@@ -99,59 +74,6 @@ class Queue:
             (episode_id, str(source), kind, state, error, now, now),
         )
         return cursor.rowcount == 1
-
-    def known_sources(self) -> dict[str, Path]:
-        """Every episode id ever queued, with the spool entry it came from."""
-        rows = self.conn.execute("SELECT episode_id, source FROM episodes")
-        return {episode_id: Path(source) for episode_id, source in rows}
-
-    def get(self, episode_id: str) -> Episode | None:
-        row = self.conn.execute(
-            "SELECT * FROM episodes WHERE episode_id = ?", (episode_id,)
-        ).fetchone()
-        return None if row is None else Episode.from_row(row)
-
-    # --- what to do next --------------------------------------------------------
-
-    def _next(self, now: float, prepared: bool, exclude: AbstractSet[str]) -> Episode | None:
-        condition = (
-            "commit_id IS NOT NULL AND sha256 IS NOT NULL"
-            if prepared
-            else "(commit_id IS NULL OR sha256 IS NULL)"
-        )
-        for row in self.conn.execute(
-            f"SELECT * FROM episodes WHERE state IN (?, ?) AND next_attempt_at <= ?"
-            f" AND {condition} ORDER BY discovered_at, episode_id",
-            (*WAITING, now),
-        ):
-            if row["episode_id"] not in exclude:
-                return Episode.from_row(row)
-        return None
-
-    def next_to_prepare(
-        self, now: float, exclude: AbstractSet[str] = frozenset()
-    ) -> Episode | None:
-        """Oldest due episode whose commit or tarball is not known yet."""
-        return self._next(now, prepared=False, exclude=exclude)
-
-    def next_to_upload(self, now: float, exclude: AbstractSet[str] = frozenset()) -> Episode | None:
-        """Oldest due episode that is packed and hashed."""
-        return self._next(now, prepared=True, exclude=exclude)
-
-    def packed_backlog(self) -> int:
-        """Packed copies made by us that still wait to be shipped (they cost disk space)."""
-        row = self.conn.execute(
-            "SELECT COUNT(*) FROM episodes WHERE kind = ? AND sha256 IS NOT NULL"
-            " AND state IN (?, ?, ?)",
-            (Kind.DIRECTORY, *WAITING, State.UPLOADING),
-        ).fetchone()
-        return int(row[0])
-
-    def next_due_at(self) -> float | None:
-        row = self.conn.execute(
-            "SELECT MIN(next_attempt_at) FROM episodes WHERE state = ?", (State.RETRY_WAIT,)
-        ).fetchone()
-        return None if row[0] is None else float(row[0])
 
     def make_due_now(self) -> int:
         """`once` tries everything now, whatever the backoff said."""
@@ -190,12 +112,6 @@ class Queue:
             (files, time.time(), episode_id),
         )
         return cursor.rowcount == 1
-
-    def changed_episodes(self) -> list[Episode]:
-        rows = self.conn.execute(
-            "SELECT * FROM episodes WHERE changed_files IS NOT NULL ORDER BY episode_id"
-        )
-        return [Episode.from_row(row) for row in rows]
 
     def forget_packed(self, episode_id: str) -> bool:
         """The packed copy is gone or wrong: pack or hash again before uploading."""
@@ -293,16 +209,6 @@ class Queue:
             )
         return new, parked
 
-    def refusal(self, commit: str) -> Refusal | None:
-        row = self.conn.execute(
-            "SELECT * FROM refused_commits WHERE commit_id = ?", (commit,)
-        ).fetchone()
-        return None if row is None else Refusal(row["commit_id"], row["reason"], row["remediation"])
-
-    def refusals(self) -> list[Refusal]:
-        rows = self.conn.execute("SELECT * FROM refused_commits ORDER BY refused_at")
-        return [Refusal(row["commit_id"], row["reason"], row["remediation"]) for row in rows]
-
     def retry_fatal(self, ids: Sequence[str] = (), commit: str | None = None) -> list[str]:
         """Re-queue fatal episodes (the operator fixed their cause); returns their ids.
 
@@ -337,29 +243,6 @@ class Queue:
 
     # --- reporting and retention ------------------------------------------------------
 
-    def counts(self) -> dict[State, int]:
-        counts = dict.fromkeys(State, 0)
-        for state, count in self.conn.execute(
-            "SELECT state, COUNT(*) FROM episodes GROUP BY state"
-        ):
-            counts[State(state)] = count
-        return counts
-
-    def unshipped(self) -> list[Episode]:
-        rows = self.conn.execute(
-            "SELECT * FROM episodes WHERE state != ? ORDER BY discovered_at, episode_id",
-            (State.SHIPPED,),
-        )
-        return [Episode.from_row(row) for row in rows]
-
-    def due_for_deletion(self, shipped_before: float) -> list[Episode]:
-        rows = self.conn.execute(
-            "SELECT * FROM episodes WHERE state = ? AND local_deleted_at IS NULL"
-            " AND changed_files IS NULL AND shipped_at <= ? ORDER BY shipped_at",
-            (State.SHIPPED, shipped_before),
-        )
-        return [Episode.from_row(row) for row in rows]
-
     def local_deleted(self, episode_id: str) -> bool:
         return self._update(episode_id, (State.SHIPPED,), local_deleted_at=time.time())
 
@@ -386,22 +269,9 @@ class Queue:
         )
         return cursor.rowcount == 1
 
-    def packed_copies(self) -> list[Episode]:
-        """Directory episodes that point at a packed copy of ours, in any state."""
-        rows = self.conn.execute(
-            "SELECT * FROM episodes WHERE kind = ? AND packed_path IS NOT NULL", (Kind.DIRECTORY,)
-        )
-        return [Episode.from_row(row) for row in rows]
-
     def save_receiver(self, state: ReceiverState) -> None:
         self.conn.execute(
             "INSERT OR REPLACE INTO receiver (id, failures, next_try, last_error, updated_at)"
             " VALUES (1, ?, ?, ?, ?)",
             (state.failures, state.next_try, state.last_error, time.time()),
         )
-
-    def receiver(self) -> ReceiverState | None:
-        row = self.conn.execute("SELECT * FROM receiver WHERE id = 1").fetchone()
-        if row is None:
-            return None
-        return ReceiverState(row["failures"], row["next_try"], row["last_error"])

@@ -170,6 +170,19 @@ def render_text(document: dict[str, Any], now: float | None = None) -> str:
         if not (spool["finished_not_queued"] or spool["settling"]):
             lines.append("nothing waiting: every episode in the queue and the spool is shipped")
         return "\n".join(lines) + "\n"
+    lines += _episode_lines(episodes, now)
+    if counts[str(State.FATAL)]:
+        lines += [
+            "",
+            "Fatal episodes stay parked; after fixing the cause:",
+            f"  episode-shipper retry --config {document['config']} [ID...] [--commit C]",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _episode_lines(episodes: list[dict[str, Any]], now: float) -> list[str]:
+    """The table of episodes not shipped yet, then each remediation once with its ids."""
+    lines: list[str] = []
     rows = [("EPISODE", "STATE", "ATTEMPTS", "NEXT TRY", "REASON")]
     for episode in episodes:
         rows.append(
@@ -192,10 +205,4 @@ def render_text(document: dict[str, Any], now: float | None = None) -> str:
             remediations.setdefault(episode["remediation"], []).append(episode["episode_id"])
     for text, ids in remediations.items():
         lines += ["", f"Remediation from the receiver for {', '.join(ids)}:", text.rstrip("\n")]
-    if counts[str(State.FATAL)]:
-        lines += [
-            "",
-            "Fatal episodes stay parked; after fixing the cause:",
-            f"  episode-shipper retry --config {document['config']} [ID...] [--commit C]",
-        ]
-    return "\n".join(lines) + "\n"
+    return lines

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from shipper import changes
-from shipper.queue import Queue
+from shipper.async_queue import AsyncQueue
 from shipper.spool import Kind
 from shipper.states import Episode
 
@@ -53,10 +53,10 @@ def late_files(episode: Episode) -> list[str]:
     return changes.changed_files(episode.source, changes.decode(episode.manifest))
 
 
-def report_late_files(queue: Queue, episode: Episode, files: list[str]) -> None:
+async def report_late_files(queue: AsyncQueue, episode: Episode, files: list[str]) -> None:
     """Once per episode: mark it (retention keeps it, `status` shows it) and warn."""
     text = changes.summary(files)
-    queue.mark_changed(episode.episode_id, text)
+    await queue.mark_changed(episode.episode_id, text)
     log.warning(
         "%s: %s changed after it was packed (%s); the receiver holds the copy packed"
         " before, so this directory is kept, never deleted: ship the late files as a new"
@@ -73,20 +73,22 @@ def finish_interrupted_deletions(spool_dir: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-async def sweep(queue: Queue, spool_dir: Path, packed_dir: Path, delete_after_days: float) -> int:
+async def sweep(
+    queue: AsyncQueue, spool_dir: Path, packed_dir: Path, delete_after_days: float
+) -> int:
     """Delete every local copy that is due; returns how many were deleted."""
     cutoff = time.time() - delete_after_days * DAY
     deleted = 0
-    for episode in queue.due_for_deletion(cutoff):
+    for episode in await queue.due_for_deletion(cutoff):
         if files := await asyncio.to_thread(late_files, episode):
-            report_late_files(queue, episode, files)
+            await report_late_files(queue, episode, files)
             continue
         try:
             await asyncio.to_thread(remove_local_copy, episode, spool_dir, packed_dir)
         except (OSError, ValueError) as error:
             log.warning("%s: local copy not deleted: %s", episode.episode_id, error)
             continue
-        queue.local_deleted(episode.episode_id)
+        await queue.local_deleted(episode.episode_id)
         deleted += 1
         log.info("%s: local copy deleted (shipped, retention passed)", episode.episode_id)
     return deleted

@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import stat
 import tarfile
 from collections.abc import AsyncIterator
@@ -25,6 +24,7 @@ from typing import Any
 import watchfiles
 
 from episode_common.archive import ArchiveLayoutError, MetaLocator
+from episode_common.wire import TARBALL_SUFFIX, normalise_commit
 
 try:
     from compression import zstd  # type: ignore[import-not-found, unused-ignore]
@@ -33,9 +33,6 @@ except ImportError:  # Python < 3.14
 
 log = logging.getLogger(__name__)
 
-ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-COMMIT_PATTERN = re.compile(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}")
-TARBALL_SUFFIX = ".tar.zst"
 IGNORED_SUFFIXES = (".tmp", ".partial")
 # A meta.json larger than this is not metadata; refuse rather than read it all.
 MAX_META_BYTES = 16 << 20
@@ -123,10 +120,15 @@ def last_change(entry: Entry) -> float | None:
         return None
 
 
-def normalise_commit(value: object) -> str | None:
-    if isinstance(value, str) and COMMIT_PATTERN.fullmatch(value):
-        return value.lower()
-    return None
+def unpadded_commit(value: object) -> str | None:
+    """The wire's commit rule, except that surrounding spaces are refused, not trimmed.
+
+    The shipper has always refused them (meta.json, `retry --commit`) where the receiver
+    trims; kept in the restructuring that shared the rule, so no behaviour changed.
+    """
+    if isinstance(value, str) and value != value.strip():
+        return None
+    return normalise_commit(value)
 
 
 def commit_from_meta(raw: bytes, where: str) -> str:
@@ -139,7 +141,7 @@ def commit_from_meta(raw: bytes, where: str) -> str:
     value = version.get("commit") if isinstance(version, dict) else None
     if value is None:
         raise BadEpisode(f"{where}: has no code_version.commit")
-    commit = normalise_commit(value)
+    commit = unpadded_commit(value)
     if commit is None:
         raise BadEpisode(f"{where}: code_version.commit {value!r} is not 40 or 64 hex digits")
     return commit

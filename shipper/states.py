@@ -143,7 +143,9 @@ def connect(path: Path, *, create: bool = True) -> sqlite3.Connection:
     """Open the queue database with the durability settings the design relies on."""
     if not create and not path.exists():
         raise FileNotFoundError(path)
-    conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    # Any thread: the daemon's queue thread uses a connection opened on the main one;
+    # sharing it is serialised by Queue.lock (see shipper.async_queue).
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
     # FULL: in WAL mode NORMAL may lose the last commits on power loss, and a

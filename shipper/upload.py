@@ -13,8 +13,9 @@ from urllib.parse import quote
 
 import httpx
 
+from episode_common.wire import format_sha256_digest
 from shipper import __version__
-from shipper.outcome import Reply, content_digest
+from shipper.outcome import Reply
 
 CHUNK = 1 << 20
 # Upper bound on a response body we keep (they are small JSON objects).
@@ -117,7 +118,7 @@ class ReceiverClient:
             self.commit_header: commit,
             "Content-Type": "application/zstd",
             "Content-Length": str(size),
-            "Content-Digest": content_digest(sha256),
+            "Content-Digest": format_sha256_digest(sha256),
         }
         body = _BodyProgress(size, on_progress)
         request = self.http.build_request(

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from episode_common.wire import format_sha256_digest
 from shipper.outcome import (
     Reply,
     Verdict,
@@ -16,7 +17,6 @@ from shipper.outcome import (
     classify_head,
     classify_put,
     classify_refusal,
-    content_digest,
     decode_body,
     sha256_from_digest_header,
     transport_failure,
@@ -37,8 +37,8 @@ def repr_digest(sha_hex: str) -> str:
 
 def test_content_digest_is_rfc9530_base64_of_the_raw_digest() -> None:
     expected = base64.b64encode(hashlib.sha256(b"episode").digest()).decode()
-    assert content_digest(SHA) == f"sha-256=:{expected}:"
-    assert sha256_from_digest_header(content_digest(SHA)) == SHA
+    assert format_sha256_digest(SHA) == f"sha-256=:{expected}:"
+    assert sha256_from_digest_header(format_sha256_digest(SHA)) == SHA
 
 
 def test_digest_header_parsing_picks_sha256_among_several_and_rejects_garbage() -> None:

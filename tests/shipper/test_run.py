@@ -57,7 +57,12 @@ async def run_until(
 
     await asyncio.to_thread(act)
     deadline = time.monotonic() + timeout
-    while not done(queue) and time.monotonic() < deadline:
+
+    def finished() -> bool:
+        with queue.lock:  # the daemon's queue thread shares this connection
+            return done(queue)
+
+    while not finished() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     stop.set()
     await asyncio.wait_for(task, 10.0)

@@ -20,6 +20,7 @@ from shipper.spool import (
     last_change,
     list_entries,
     read_commit,
+    unpadded_commit,
 )
 from tests.shipper.conftest import GOOD, write_episode, write_tarball
 
@@ -153,3 +154,12 @@ def test_names_being_written_are_never_picked_up(tmp_path: Path) -> None:
     (tmp_path / "ep-4.tar.zst.partial").write_bytes(b"")
     write_episode(tmp_path, "ep-5")
     assert [entry.episode_id for entry in list_entries(tmp_path)] == ["ep-5"]
+
+
+def test_a_padded_commit_is_refused_not_trimmed(tmp_path: Path) -> None:
+    # The wire rule trims; the shipper has always refused (see spool.unpadded_commit).
+    assert unpadded_commit(GOOD.upper()) == GOOD
+    assert unpadded_commit(f" {GOOD}") is None and unpadded_commit(f"{GOOD}\n") is None
+    directory = write_episode(tmp_path, "ep-1", commit=f"{GOOD} ")
+    with pytest.raises(BadEpisode, match="not 40 or 64 hex"):
+        read_commit(Entry("ep-1", directory, Kind.DIRECTORY))
