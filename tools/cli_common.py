@@ -18,7 +18,7 @@ import msgspec
 from episode_common.cli_support import fail
 from episode_common.config_loading import ConfigError
 from episode_common.wire import ID_RULE, is_valid_id
-from receiver.config import StorageConfig, load_config
+from receiver.config import StorageConfig, ensure_data_dir, load_config
 from receiver.storage import INDEX_NAME, Storage, open_storage, open_storage_at
 
 EXIT_PROBLEMS = 1
@@ -62,10 +62,13 @@ def check_common_arguments(prog: str, args: argparse.Namespace) -> None:
         fail(prog, f"--host must match {ID_RULE}")
 
 
-def from_config(prog: str, config_path: Path) -> StoreLocation:
-    """The receiver's config: its backends, its validation settings."""
+def from_config(prog: str, config_path: Path, *, create: bool = False) -> StoreLocation:
+    """The receiver's config: its backends, its validation settings (create: make data_dir,
+    as the receiver itself would)."""
     try:
         config = load_config(config_path)
+        if create:
+            ensure_data_dir(config)
     except ConfigError as error:
         fail(prog, f"config: {error}")
     _require_dir(prog, config.storage.data_dir, "data directory")

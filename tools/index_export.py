@@ -1,4 +1,4 @@
-"""`episode-index export`: append to FILE, in commit order, the catalogue rows it lacks.
+"""`episode-index export` (and `migrate`): append to FILE, in commit order, the rows it lacks.
 
 FILE is itself the source of truth for where to resume: its last complete row names the
 row to continue after, so a crash (a torn last line is cut first) neither duplicates nor
@@ -18,8 +18,16 @@ import msgspec
 
 from episode_common.cli_support import fail, setup_logging
 from episode_common.durable import fsync_dir
-from receiver.storage import Catalogue, CatalogueCorrupt, IndexRow, decode_row, encode_row
+from receiver.storage import (
+    BackendUnavailable,
+    Catalogue,
+    CatalogueCorrupt,
+    IndexRow,
+    decode_row,
+    encode_row,
+)
 from tools import cli_common
+from tools.index_migrate import MigrationError, migrate
 
 PROG = "episode-index"
 EPILOG = (
@@ -40,6 +48,16 @@ def _build_parser() -> cli_common.OneLineParser:
     )
     export.add_argument("--config", type=Path, required=True, help="the receiver's config file")
     export.add_argument("--out", type=Path, required=True, metavar="FILE", help="the jsonl file")
+    move = commands.add_parser(
+        "migrate",
+        help="copy every blob and row of one store into other backends",
+        description="Copy every blob and row of the store of --from into the backends of "
+        "--config (e.g. jsonl + filesystem onto PostgreSQL + S3), rows as they were, "
+        "each blob verified before its row; re-running resumes. The source is only read.",
+    )
+    move.add_argument("--from", dest="source", type=Path, required=True, metavar="F",
+                      help="the config of the store to copy from")  # fmt: skip
+    move.add_argument("--config", type=Path, required=True, help="the config to copy into")
     return parser
 
 
@@ -138,8 +156,36 @@ def export(catalogue: Catalogue, out: Path) -> int:
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    location = cli_common.from_config(PROG, args.config)
-    out: Path = args.out.absolute()
+    if args.command == "migrate":
+        return _run_migrate(args.source, args.config)
+    return _run_export(args.config, args.out)
+
+
+def _run_migrate(source_config: Path, target_config: Path) -> int:
+    source = cli_common.from_config(PROG, source_config).storage
+    target = cli_common.from_config(PROG, target_config, create=True).storage
+    setup_logging("WARNING")
+    try:
+        target.blobs.prepare()
+        target.catalogue.recover()
+        source.catalogue.open()
+        target.catalogue.open()
+        report = migrate(source, target)
+    except (MigrationError, CatalogueCorrupt, BackendUnavailable, OSError) as error:
+        fail(PROG, f"migrate stopped: {error} (re-run to resume)", code=cli_common.EXIT_PROBLEMS)
+    finally:
+        source.close()
+        target.close()
+    print(
+        f"{PROG}: migrated: {report.copied_blobs} blobs copied ({report.bytes_copied} bytes), "
+        f"{report.added_rows} rows added, {report.already_there} already there"
+    )
+    return 0
+
+
+def _run_export(config: Path, out_arg: Path) -> int:
+    location = cli_common.from_config(PROG, config)
+    out = out_arg.absolute()
     if not out.parent.is_dir():
         fail(PROG, f"the directory of {out} does not exist")
     if out.exists() and out.resolve() == location.index_path.resolve():
