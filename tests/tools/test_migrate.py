@@ -89,3 +89,18 @@ def test_a_receiver_on_the_new_backends_serves_what_was_migrated(
         )
     finally:
         receiver.stop()
+
+
+def test_export_from_postgresql_gives_back_the_original_index_byte_for_byte(
+    store: Store, tmp_path: Path, postgres_dsn: str
+) -> None:
+    from tests.tools.test_export import export
+
+    source, target = config_for(store, tmp_path), target_config(tmp_path, postgres_dsn)
+    assert migrate(source, target).returncode == 0
+    out = tmp_path / "exported.jsonl"
+    lines = store.index.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:3]))  # an export that stopped half-way
+    result = export(target, out)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == store.index.read_bytes()
