@@ -1,7 +1,8 @@
 """The PostgreSQL catalogue: one table that every receiver of a fleet shares.
 
 `UNIQUE (host_id, episode_id)` makes the insert the exactly-once arbiter (`INSERT ... ON
-CONFLICT DO NOTHING RETURNING`); `seq` increases in commit order, for export. Claims are
+CONFLICT DO NOTHING RETURNING`); export reads rows in (txid, seq) order up to the oldest
+transaction still open, so it never passes a row that commits later. Claims are
 session advisory locks on one connection per process, so a receiver that dies releases
 them with its session. The server down is BackendUnavailable (503), and the pool
 reconnects by itself when it is back.
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 
 _COLUMNS = "host_id, episode_id, sha256, size_bytes, commit, received_at_wall, backfilled"
 _RETRY_AFTER = 5
-_INSERT_LOCK = 0x6570_6973_6F64_6532  # "episode2": serializes inserts across the fleet
 
 
 def read_dsn(config: PostgresIndexConfig) -> str:
@@ -136,24 +136,15 @@ class PostgresCatalogue:
         return _row(found[0]) if found else None
 
     def append_if_absent(self, row: IndexRow) -> tuple[IndexRow, bool]:
-        """One transaction that holds the fleet's insert lock while it takes its seq and
-        commits: seq order is then commit order, so export never passes a row that a
-        slower transaction would commit later with a smaller seq."""
         insert = self._sql(
             f"INSERT INTO {{table}} ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s) "
-            f"ON CONFLICT (host_id, episode_id) DO NOTHING RETURNING {_COLUMNS}"
+            f"ON CONFLICT (host_id, episode_id) DO NOTHING RETURNING seq"
         )
         values = (
             row.host_id, row.episode_id, row.sha256, row.size_bytes, row.commit,
             row.received_at_wall, row.backfilled,
         )  # fmt: skip
-        try:
-            with self._open_pool().connection() as conn, conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_INSERT_LOCK,))
-                inserted = conn.execute(insert, values).fetchone() is not None
-        except (psycopg.OperationalError, PoolTimeout) as error:
-            raise _down(error) from error
-        if inserted:
+        if self._query(insert, values):
             return row, True
         existing = self.lookup(row.host_id, row.episode_id)
         assert existing is not None  # the conflict was with it, and rows are never deleted
@@ -238,24 +229,32 @@ class PostgresCatalogue:
         }
 
     def rows_after(self, key: tuple[str, str] | None) -> Iterator[IndexRow]:
-        after = 0
+        """In (txid, seq) order: a sequence hands out seq at insert, not at commit, so seq
+        alone could pass a row that a slower transaction commits a moment later. Rows of
+        transactions older than the oldest one still open are final, and every later row
+        sorts after them: stopping there, an export never skips one."""
+        after = ("0", 0)
         if key is not None:
-            found = self._query(
-                self._sql("SELECT seq FROM {table} WHERE host_id = %s AND episode_id = %s"), key
+            query = self._sql(
+                "SELECT txid::text, seq FROM {table} WHERE host_id = %s AND episode_id = %s"
             )
+            found = self._query(query, key)
             if not found:
                 raise KeyError(key)
-            after = int(found[0]["seq"])
+            after = (found[0]["txid"], int(found[0]["seq"]))
         return self._rows_from(after)
 
-    def _rows_from(self, after: int, page: int = 10_000) -> Iterator[IndexRow]:
+    def _rows_from(self, after: tuple[str, int], page: int = 10_000) -> Iterator[IndexRow]:
         query = self._sql(
-            f"SELECT seq, {_COLUMNS} FROM {{table}} WHERE seq > %s ORDER BY seq LIMIT %s"
+            f"SELECT txid::text, seq, {_COLUMNS} FROM {{table}} "
+            "WHERE (txid, seq) > (%s::xid8, %s) "
+            "AND txid < pg_snapshot_xmin(pg_current_snapshot()) "
+            "ORDER BY txid, seq LIMIT %s"
         )
         while True:
-            records = self._query(query, (after, page))
+            records = self._query(query, (*after, page))
             for record in records:
                 yield _row(record)
             if len(records) < page:
                 return
-            after = int(records[-1]["seq"])
+            after = (records[-1]["txid"], int(records[-1]["seq"]))

@@ -28,8 +28,12 @@ MIGRATIONS: list[str] = [
         commit text,
         received_at_wall text NOT NULL,
         backfilled boolean NOT NULL DEFAULT false,
+        -- The inserting transaction: export orders by it and stops at the oldest one still
+        -- open, so a row whose transaction commits late is never passed (see postgresql.py).
+        txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
         UNIQUE (host_id, episode_id)
-    )
+    );
+    CREATE INDEX ON {table} (txid, seq)
     """,
 ]
 CURRENT = len(MIGRATIONS)

@@ -117,3 +117,32 @@ def test_host_summaries_count_episodes_bytes_and_the_newest_row(open_catalogue: 
     assert (summaries["h1"].episodes, summaries["h1"].bytes) == (3, 300)
     assert summaries["h1"].last_commit == "2" * 40
     assert (summaries["h2"].episodes, summaries["h2"].last_commit) == (1, None)
+
+
+def test_postgresql_export_order_never_passes_a_row_that_commits_later(
+    postgres_dsn: str,
+) -> None:
+    """seq is handed out at insert: a slow transaction's row must not be skipped by export."""
+    import psycopg
+
+    catalogue = PostgresCatalogue(PostgresIndexConfig(dsn=postgres_dsn))
+    catalogue.recover()
+    try:
+        catalogue.append_if_absent(row("ep-0"))
+        with psycopg.connect(postgres_dsn) as slow:  # a transaction, left open for now
+            slow.execute(
+                "INSERT INTO episodes (host_id, episode_id, sha256, size_bytes, "
+                "received_at_wall) VALUES ('lab-07', 'ep-slow', %s, 1, 'x')",
+                ("a" * 64,),
+            )
+            catalogue.append_if_absent(row("ep-fast"))  # commits first, with a later seq
+            exported = [r.episode_id for r in catalogue.rows_after(None)]
+            assert exported == ["ep-0"]  # ep-fast waits behind the open transaction
+            slow.commit()
+        assert [r.episode_id for r in catalogue.rows_after(None)] == ["ep-0", "ep-slow", "ep-fast"]
+        assert [r.episode_id for r in catalogue.rows_after(("lab-07", "ep-0"))] == [
+            "ep-slow",
+            "ep-fast",
+        ]
+    finally:
+        catalogue.close()
