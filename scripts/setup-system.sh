@@ -20,11 +20,17 @@ REQUIREMENTS=(
   "[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]|fonts-dejavu-core"
   "have_postgres|postgresql"                    # the PostgreSQL catalogue's tests
   "have runuser|util-linux"                     # initdb runs as the postgres user
+  "have_nginx|nginx"                            # the load balancer in front of receivers
 )
 
 have() { command -v "$1" >/dev/null 2>&1; }
 have_browser() { have chromium || have chromium-browser || have google-chrome; }
 have_postgres() { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; }
+have_nginx() { have nginx || [ -x /usr/sbin/nginx ]; }
+
+# Debian starts a package's service when it is installed (nginx on port 80, a PostgreSQL
+# cluster on 5432). The tests start their own servers on loopback ports; keep these off.
+POLICY_RC_D="${SETUP_POLICY_RC_D:-/usr/sbin/policy-rc.d}"
 python_ok() {
   "$PYTHON" -c 'import sys, venv, ensurepip; assert sys.version_info >= (3, 11)' 2>/dev/null
 }
@@ -56,7 +62,15 @@ install() {
   export DEBIAN_FRONTEND=noninteractive
   echo "setup-system: installing $*" >&2
   "${apt[@]}" update -qq
-  "${apt[@]}" install -y -qq "$@" >/dev/null
+  local placed=""
+  if [ "$access" = root ] && [ ! -e "$POLICY_RC_D" ]; then
+    printf '#!/bin/sh\n# setup-system: no service starts while it installs\nexit 101\n' >"$POLICY_RC_D"
+    chmod +x "$POLICY_RC_D"
+    placed=yes
+  fi
+  "${apt[@]}" install -y -qq "$@" >/dev/null || { [ -n "$placed" ] && rm -f "$POLICY_RC_D"; return 1; }
+  [ -n "$placed" ] && rm -f "$POLICY_RC_D"
+  return 0
 }
 
 main() {

@@ -27,7 +27,7 @@ def bare_path(tmp_path: Path, uid: int) -> tuple[Path, Path]:
     """A PATH with only a shell, a recording apt-get and an `id` that answers `uid`."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("bash", "sh"):
+    for tool in ("bash", "sh", "chmod", "rm"):
         real = shutil.which(tool)
         assert real is not None
         (bin_dir / tool).symlink_to(real)
@@ -40,7 +40,9 @@ def bare_path(tmp_path: Path, uid: int) -> tuple[Path, Path]:
 def run(script_args: list[str], path: str) -> subprocess.CompletedProcess[str]:
     bash = shutil.which("bash")
     assert bash is not None
-    env = {"PATH": path, "PYTHON": "no-such-python"}
+    # Where the script puts its "start no service" policy: beside the stand-ins, not /usr/sbin.
+    policy = Path(path.split(":")[0]).parent / "policy-rc.d"
+    env = {"PATH": path, "PYTHON": "no-such-python", "SETUP_POLICY_RC_D": str(policy)}
     return subprocess.run(
         [bash, str(SCRIPT), *script_args], env=env, capture_output=True, text=True, timeout=30
     )
@@ -64,6 +66,20 @@ def test_as_root_it_updates_then_installs_what_is_missing(tmp_path: Path) -> Non
     # The stand-in installed nothing, and the script says so instead of passing.
     assert result.returncode == 1
     assert "still missing after apt-get install" in result.stderr
+
+
+def test_no_service_starts_while_it_installs_and_the_policy_is_removed_after(
+    tmp_path: Path,
+) -> None:
+    bin_dir, calls = bare_path(tmp_path, uid=0)
+    policy = tmp_path / "policy-rc.d"
+    # apt-get runs a package's service start through invoke-rc.d, which asks policy-rc.d.
+    stand_in(
+        bin_dir, "apt-get", f'echo "$*" >> {calls}; {policy} start; echo "policy $?" >> {calls}'
+    )
+    run([], str(bin_dir))
+    assert "policy 101" in calls.read_text().splitlines()  # 101: action forbidden
+    assert not policy.exists()
 
 
 def test_without_root_or_sudo_it_prints_one_command_and_fails(tmp_path: Path) -> None:
