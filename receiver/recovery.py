@@ -12,8 +12,10 @@ import fcntl
 import logging
 import os
 
+from receiver.checks import check_storage
 from receiver.config import ReceiverConfig
 from receiver.storage import (
+    BackendUnavailable,
     CatalogueCorrupt,
     DataDirLayout,
     DurabilityError,
@@ -55,8 +57,14 @@ def take_instance_lock(config: ReceiverConfig) -> int:
 
 
 def recover(config: ReceiverConfig) -> None:
+    problem = check_storage(config)
+    if problem is not None:
+        line, transient = problem
+        raise (RecoveryIOError if transient else StartupError)(line)
     try:
         storage = _recover(config)
+    except BackendUnavailable as error:
+        raise RecoveryIOError(f"recovery failed on the object store: {error}") from None
     except (DurabilityError, OSError) as error:
         # A full or failing disk: one line and exit 70 (systemd restarts us), no traceback.
         raise RecoveryIOError(

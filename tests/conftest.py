@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.seaweed import SeaweedServer
 from tests.support import (
     SESSION_ENV,
     ReceiverProcess,
@@ -77,3 +78,18 @@ def start_receiver(tmp_path: Path) -> Iterator[StartReceiver]:
     for process in started:
         if process.proc is not None:
             process.kill()  # the whole process group, workers included
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """One real S3 server (SeaweedFS) for the session, on loopback; each test its own bucket."""
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_storage(seaweedfs: SeaweedServer, tmp_path: Path) -> dict[str, Any]:
+    """A [storage] section for a fresh bucket on the session's SeaweedFS."""
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    return seaweedfs.storage_section(bucket, tmp_path / "s3-credentials.toml")

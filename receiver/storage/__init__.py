@@ -8,7 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from receiver.config import FilesystemStorageConfig, JsonlIndexConfig, ReceiverConfig
+from receiver.config import (
+    FilesystemStorageConfig,
+    JsonlIndexConfig,
+    ReceiverConfig,
+    S3StorageConfig,
+)
 from receiver.storage.base import (
     BackendUnavailable,
     BlobListing,
@@ -96,6 +101,10 @@ def _blob_store(config: ReceiverConfig, layout: DataDirLayout) -> BlobStore:
     match config.storage:
         case FilesystemStorageConfig():
             return FilesystemStore(layout.data_dir)
+        case S3StorageConfig():
+            from receiver.storage.s3 import S3Store  # boto3 is imported only when used
+
+            return S3Store(config.storage, layout)
 
 
 def _catalogue(config: ReceiverConfig, layout: DataDirLayout) -> Catalogue:
