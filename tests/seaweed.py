@@ -87,6 +87,7 @@ class SeaweedServer:
         return [weed_binary(), "mini", *(f"-{key}={value}" for key, value in flags.items())]
 
     def start(self, timeout: float = 30.0) -> SeaweedServer:
+        self.root.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO, cast
 
@@ -26,9 +25,6 @@ from receiver.storage.s3_writer import S3Writer
 
 log = logging.getLogger(__name__)
 
-# Part uploads of all writers; each writer keeps at most one in flight.
-PART_THREADS = 32
-
 
 class S3Store:
     """See BlobStore. The client is made on first use, so opening costs no request."""
@@ -40,19 +36,12 @@ class S3Store:
         self.part_size = config.part_size_bytes
         self.journal = UploadJournal(layout.data_dir / "s3-uploads.journal")
         self._client: Any = None
-        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def client(self) -> Any:
         if self._client is None:
             self._client = make_client(self.config)
         return self._client
-
-    @property
-    def pool(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(PART_THREADS, thread_name_prefix="s3-part")
-        return self._pool
 
     # -- names ---------------------------------------------------------------------
 

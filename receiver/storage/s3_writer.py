@@ -1,7 +1,8 @@
 """One upload into the bucket: never visible until complete, created only if absent.
 
-Up to one part is sent as a single PUT at commit; above that, parts are sent as they fill,
-one in flight while the next fills (two part buffers per upload, reused). The object is
+Up to one part is sent as a single PUT at commit; above that, each part is sent as it
+fills, from one reused part buffer (the receiving side keeps streaming into the pipeline's
+batches meanwhile, so memory per upload stays under two parts). The object is
 created with If-None-Match: * while this writer holds the key's commit marker, itself
 created with If-None-Match: * (a plain PUT, which every server we know arbitrates
 atomically, unlike some servers' CompleteMultipartUpload). Without a declared sha256 the
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from receiver.storage.base import BackendUnavailable
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class S3Writer:
-    """See BlobWriter. write() runs in a worker thread; a part uploads in the store's pool."""
+    """See BlobWriter. write() runs in a worker thread and sends a full part itself."""
 
     def __init__(self, store: S3Store, attempt: Attempt, sha256: str | None) -> None:
         self._store = store
@@ -35,11 +35,8 @@ class S3Writer:
         self._key = store.key(attempt.host_id, attempt.episode_id)
         self._sha256 = sha256
         self._hasher = hashlib.sha256() if sha256 is None else None
-        size = store.part_size
-        self._buffers = [bytearray(size), bytearray(size)]
-        self._fill = 0  # bytes in the current buffer
-        self._current = 0
-        self._pending: Future[str] | None = None
+        self._buffer = bytearray(store.part_size)
+        self._fill = 0  # bytes in the buffer
         self._upload_key: str | None = None  # where the parts go: the final key or staging
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
@@ -59,20 +56,19 @@ class S3Writer:
                 if self._fill == part_size:
                     self._send_part()
                 take = min(len(view), part_size - self._fill)
-                self._buffers[self._current][self._fill : self._fill + take] = view[:take]
+                self._buffer[self._fill : self._fill + take] = view[:take]
                 self._fill += take
                 view = view[take:]
 
     def _send_part(self) -> None:
-        """Hand the full buffer to the pool once the part before it is done (two at most)."""
+        """Send the buffer as the next part; it is reused once the server has it."""
         if self._upload_id is None:
             self._start_multipart()
-        self._wait_pending()
+        assert self._upload_key is not None and self._upload_id is not None
         number = len(self._parts) + 1
-        body = self._filled()
-        self._pending = self._store.pool.submit(self._upload_part, number, body)
-        self._parts.append({"PartNumber": number})
-        self._current, self._fill = 1 - self._current, 0
+        etag = self._store.upload_part(self._upload_key, self._upload_id, number, self._filled())
+        self._parts.append({"PartNumber": number, "ETag": etag})
+        self._fill = 0
 
     def _start_multipart(self) -> None:
         store, token = self._store, self._attempt.token
@@ -82,29 +78,17 @@ class S3Writer:
         store.journal.upload(token, self._upload_key, self._upload_id)
 
     def _filled(self) -> bytearray:
-        """The current buffer as a body: whole, or cut to its fill (only the last is short)."""
-        buffer = self._buffers[self._current]
-        if self._fill < len(buffer):
-            del buffer[self._fill :]  # in place, no copy; this buffer is not reused
-        return buffer
-
-    def _upload_part(self, number: int, body: bytearray) -> str:
-        assert self._upload_key is not None and self._upload_id is not None
-        return self._store.upload_part(self._upload_key, self._upload_id, number, body)
-
-    def _wait_pending(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self._parts[-1]["ETag"] = pending.result()
+        """The buffer as a body: whole, or cut to its fill (only the last part is short)."""
+        if self._fill < len(self._buffer):
+            del self._buffer[self._fill :]  # in place, no copy; nothing is written after it
+        return self._buffer
 
     def commit(self) -> bool:
         store = self._store
         sha256 = self._hasher.hexdigest() if self._hasher is not None else self._sha256
         assert sha256 is not None
-        if self._upload_id is not None:
-            if self._fill:
-                self._send_part()
-            self._wait_pending()
+        if self._upload_id is not None and self._fill:
+            self._send_part()
         self._marker = store.take_marker(self._attempt)
         if not self._marker:
             self.abort()
@@ -141,17 +125,12 @@ class S3Writer:
 
     def close(self) -> None:
         """The row is durable: the journal may forget this upload."""
-        self._buffers = []
+        self._buffer = bytearray()
         self._store.journal.end(self._attempt.token)
 
     def abort(self) -> None:
         """Abort the multipart upload, drop helper objects; the journal keeps what failed."""
-        if self._pending is not None:
-            try:
-                self._wait_pending()
-            except Exception:  # noqa: BLE001 - the upload is failing already; abort anyway
-                pass
-        self._buffers = []
+        self._buffer = bytearray()
         try:
             self._store.clean_up(self._attempt, self._upload_key, self._upload_id, self._marker)
         except (BackendUnavailable, NotFound, PreconditionFailed) as error:
