@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
+import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -122,17 +123,26 @@ def _hint(node: Any, part: str) -> Any:
     return hint
 
 
+def _member_hint(node: Any, part: str) -> Any:
+    """The type hint of field `part` of a Struct type, or of the first in a union that has it."""
+    members = typing.get_args(node) if isinstance(node, types.UnionType) else (node,)
+    for member in members:
+        try:
+            hints = typing.get_type_hints(member, include_extras=True)
+        except TypeError:
+            continue
+        if part in hints:
+            return hints[part]
+    return None
+
+
 def _field_choices(root: type, dotted: str) -> tuple[str, ...] | None:
     """The allowed values of a Literal-typed field, found by walking the Struct types."""
     node: Any = root
     for part in dotted.split("."):
-        try:
-            hints = typing.get_type_hints(node, include_extras=True)
-        except TypeError:
+        node = _member_hint(node, part)
+        if node is None:
             return None
-        if part not in hints:
-            return None
-        node = hints[part]
         while typing.get_origin(node) is Annotated:
             node = typing.get_args(node)[0]
     if typing.get_origin(node) is Literal:

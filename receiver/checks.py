@@ -1,4 +1,4 @@
-"""Start-up checks shared by `serve` and `check-config`: data dir and gate repository."""
+"""Start-up checks shared by `serve` and `check-config`: data dir, blob store, gate repository."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import subprocess
 
 from episode_common.config_loading import ConfigError
-from receiver.config import PostgresIndexConfig, ReceiverConfig, ensure_data_dir
+from receiver.config import PostgresIndexConfig, ReceiverConfig, S3StorageConfig, ensure_data_dir
 from receiver.git_errors import describe
 
 
@@ -77,10 +77,24 @@ def check_catalogue(config: ReceiverConfig) -> str | None:
     return None
 
 
+def check_storage(config: ReceiverConfig) -> tuple[str, bool] | None:
+    """None when the blob store can be used; else (one line naming the key, whether a
+    later retry may succeed). Only the s3 store has a server to ask."""
+    if not isinstance(config.storage, S3StorageConfig):
+        return None
+    from receiver.storage.s3_client import probe  # boto3 is imported only when used
+
+    problem = probe(config.storage)
+    return None if problem is None else (f"{config.source}: {problem[0]}", problem[1])
+
+
 def check_all(config: ReceiverConfig) -> str | None:
     """Everything `check-config` promises, first problem first."""
     try:
         ensure_data_dir(config)
     except ConfigError as error:
         return str(error)
+    storage = check_storage(config)
+    if storage is not None:
+        return storage[0]
     return check_gate_repo(config) or check_catalogue(config)

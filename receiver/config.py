@@ -73,10 +73,8 @@ class ServerConfig(Struct, frozen=True, forbid_unknown_fields=True):
     shutdown_grace_seconds: Annotated[float, Meta(ge=0)] = 30.0
 
 
-class FilesystemStorageConfig(
-    Struct, frozen=True, forbid_unknown_fields=True, tag_field="type", tag="filesystem"
-):
-    """[storage] type = "filesystem": tarballs under data_dir/episodes."""
+class _StorageCommon(Struct, frozen=True, forbid_unknown_fields=True, tag_field="type"):
+    """The [storage] keys every backend has: local state, size cap and the body's checks."""
 
     data_dir: Path
     max_upload_bytes: PositiveInt = 64 * GiB
@@ -88,8 +86,26 @@ class FilesystemStorageConfig(
     max_members: PositiveInt = 1_000_000
 
 
-# Each backend's keys are their own struct, tagged by `type` (a union once there are two).
-StorageConfig = FilesystemStorageConfig
+class FilesystemStorageConfig(_StorageCommon, frozen=True, tag="filesystem"):
+    """[storage] type = "filesystem": tarballs under data_dir/episodes."""
+
+
+class S3StorageConfig(_StorageCommon, frozen=True, kw_only=True, tag="s3"):
+    """[storage] type = "s3": tarballs as objects in a bucket; data_dir keeps local state."""
+
+    endpoint_url: Annotated[str, Meta(pattern=r"^https?://[^/]+/?$")]
+    bucket: Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
+    prefix: str = "episodes/"
+    region: Annotated[str, Meta(min_length=1)] = "us-east-1"
+    credentials_file: Path | None = None
+    # S3 parts are 5 MiB to 5 GiB (the last may be smaller).
+    part_size_bytes: Annotated[int, Meta(ge=5 * MiB, le=5 * GiB)] = 16 * MiB
+    abandon_after_seconds: PositiveSeconds = 86_400.0
+
+
+# Each backend's keys are their own struct, tagged by `type` (default "filesystem").
+StorageConfig = FilesystemStorageConfig | S3StorageConfig
+STORAGE_TYPES = ("filesystem", "s3")
 
 
 class JsonlIndexConfig(
@@ -196,11 +212,16 @@ def is_loopback(host: str) -> bool:
 def _resolve_paths(config: ReceiverConfig, base: Path) -> ReceiverConfig:
     gate = config.version_gate
     auth = config.auth
+    storage = msgspec.structs.replace(
+        config.storage, data_dir=resolve_path(base, config.storage.data_dir)
+    )
+    if isinstance(storage, S3StorageConfig) and storage.credentials_file is not None:
+        storage = msgspec.structs.replace(
+            storage, credentials_file=resolve_path(base, storage.credentials_file)
+        )
     return msgspec.structs.replace(
         config,
-        storage=msgspec.structs.replace(
-            config.storage, data_dir=resolve_path(base, config.storage.data_dir)
-        ),
+        storage=storage,
         version_gate=msgspec.structs.replace(
             gate,
             repo_path=None if gate.repo_path is None else resolve_path(base, gate.repo_path),
@@ -232,6 +253,12 @@ def from_mapping(data: dict[str, Any], source: str, base: Path) -> ReceiverConfi
     """Validate parsed TOML; relative paths are taken relative to base."""
     if "source" in data:
         raise ConfigError(source, "source", "unknown key")
+    storage = data.get("storage")
+    if isinstance(storage, dict):
+        kind = storage.get("type", "filesystem")
+        if kind not in STORAGE_TYPES:
+            listed = ", ".join(f'"{name}"' for name in STORAGE_TYPES)
+            raise ConfigError(source, "storage.type", f"expected one of {listed}, got {kind!r}")
     config = convert(source, _with_default_types(data) | {"source": source}, ReceiverConfig)
     config = _resolve_paths(config, base)
     _check_semantics(config)

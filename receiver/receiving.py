@@ -102,7 +102,9 @@ class Receiver:
             validator.feed(data)
             summary = validator.finish()
         recorded = self._checked(upload, digest, summary)
-        writer = self.storage.blobs.open_writer(upload.host_id, upload.episode_id, upload.commit)
+        writer = self.storage.blobs.open_writer(
+            upload.host_id, upload.episode_id, upload.commit, digest.sha256
+        )
         try:
             writer.write([data])
         except OSError as error:
@@ -118,8 +120,9 @@ class Receiver:
         """Stream the body into a writer (written, hashed and validated in threads)."""
         storage = self.config.storage
         blobs = self.storage.blobs
+        declared = upload.declared.sha256 if upload.declared is not None else None
         writer = await asyncio.to_thread(
-            blobs.open_writer, upload.host_id, upload.episode_id, upload.commit
+            blobs.open_writer, upload.host_id, upload.episode_id, upload.commit, declared
         )
         validator = StreamValidator(storage) if storage.validate != "none" else None
 

@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 
+from receiver.checks import check_storage
 from receiver.config import ReceiverConfig
 from receiver.storage import (
     BackendUnavailable,
@@ -56,6 +57,10 @@ def take_instance_lock(config: ReceiverConfig) -> int:
 
 
 def recover(config: ReceiverConfig) -> None:
+    problem = check_storage(config)
+    if problem is not None:
+        line, transient = problem
+        raise (RecoveryIOError if transient else StartupError)(line)
     try:
         storage = _recover(config)
     except BackendUnavailable as error:

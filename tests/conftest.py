@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.postgres import PostgresServer, start_postgres
+from tests.seaweed import SeaweedServer
 from tests.support import (
     SESSION_ENV,
     ReceiverProcess,
@@ -94,3 +95,18 @@ def postgres_server() -> Iterator[PostgresServer]:
 def postgres_dsn(postgres_server: PostgresServer) -> str:
     """A fresh, empty database of the session's cluster."""
     return postgres_server.create_database(f"t_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """One real S3 server (SeaweedFS) for the session, on loopback; each test its own bucket."""
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_storage(seaweedfs: SeaweedServer, tmp_path: Path) -> dict[str, Any]:
+    """A [storage] section for a fresh bucket on the session's SeaweedFS."""
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    return seaweedfs.storage_section(bucket, tmp_path / "s3-credentials.toml")

@@ -18,7 +18,7 @@ import msgspec
 from episode_common.cli_support import fail
 from episode_common.config_loading import ConfigError
 from episode_common.wire import ID_RULE, is_valid_id
-from receiver.config import StorageConfig, ensure_data_dir, load_config
+from receiver.config import FilesystemStorageConfig, StorageConfig, ensure_data_dir, load_config
 from receiver.storage import INDEX_NAME, Storage, open_storage, open_storage_at
 
 EXIT_PROBLEMS = 1
@@ -80,7 +80,7 @@ def from_config(prog: str, config_path: Path, *, create: bool = False) -> StoreL
 def from_data_dir(prog: str, data_dir: Path) -> StoreLocation:
     _require_dir(prog, data_dir, "data directory")
     storage = open_storage_at(data_dir / "episodes", data_dir / INDEX_NAME)
-    config = StorageConfig(data_dir=data_dir)
+    config = FilesystemStorageConfig(data_dir=data_dir)
     return StoreLocation(storage, data_dir / "episodes", data_dir / INDEX_NAME, config)
 
 
@@ -92,7 +92,7 @@ def from_paths(prog: str, episodes_root: Path, index_path: Path) -> StoreLocatio
     if index_path.is_dir():
         fail(prog, f"index {index_path} is a directory")
     storage = open_storage_at(episodes_root, index_path)
-    config = StorageConfig(data_dir=episodes_root.parent)
+    config = FilesystemStorageConfig(data_dir=episodes_root.parent)
     return StoreLocation(storage, episodes_root, index_path, config)
 
 

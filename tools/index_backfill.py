@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from episode_common.cli_support import fail, setup_logging
+from receiver.config import FilesystemStorageConfig
 from receiver.storage import CatalogueCorrupt, DurabilityError, IndexRow, StoredBlob
 from tools import cli_common
 from tools.backfill_report import BackfillReport, Unreadable, inspect_tarball
@@ -47,7 +48,8 @@ def _location(args: argparse.Namespace) -> cli_common.StoreLocation:
         fail(PROG, "give either --config or --episodes-root with --index, not both")
     if args.config is not None:
         location = cli_common.from_config(PROG, args.config)
-        if not location.episodes_root.is_dir():
+        on_disk = isinstance(location.config, FilesystemStorageConfig)  # s3: a bucket
+        if on_disk and not location.episodes_root.is_dir():
             fail(PROG, f"episodes root {location.episodes_root} does not exist")
         return location
     if args.episodes_root is None or args.index is None:

@@ -13,6 +13,7 @@ from receiver.config import (
     JsonlIndexConfig,
     PostgresIndexConfig,
     ReceiverConfig,
+    S3StorageConfig,
 )
 from receiver.storage.base import (
     BackendUnavailable,
@@ -103,6 +104,10 @@ def _blob_store(config: ReceiverConfig, layout: DataDirLayout) -> BlobStore:
     match config.storage:
         case FilesystemStorageConfig():
             return FilesystemStore(layout.data_dir)
+        case S3StorageConfig():
+            from receiver.storage.s3 import S3Store  # boto3 is imported only when used
+
+            return S3Store(config.storage, layout)
 
 
 def _catalogue(config: ReceiverConfig, layout: DataDirLayout) -> Catalogue:

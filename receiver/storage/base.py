@@ -93,7 +93,12 @@ class BlobWriter(Protocol):
 class BlobStore(Protocol):
     def prepare(self) -> None: ...
 
-    def open_writer(self, host_id: str, episode_id: str, commit: str | None) -> BlobWriter: ...
+    def open_writer(
+        self, host_id: str, episode_id: str, commit: str | None, sha256: str | None = None
+    ) -> BlobWriter:
+        """sha256: the declared digest, when known before the body (checked before commit);
+        a store that must name it up front (s3's object metadata) uses it."""
+        ...
 
     def exists(self, host_id: str, episode_id: str) -> bool: ...
 

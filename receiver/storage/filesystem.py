@@ -97,7 +97,9 @@ class FilesystemStore:
     def final_path(self, host_id: str, episode_id: str) -> Path:
         return self.episodes_dir / host_id / f"{episode_id}{TARBALL_SUFFIX}"
 
-    def open_writer(self, host_id: str, episode_id: str, commit: str | None) -> FilesystemWriter:
+    def open_writer(
+        self, host_id: str, episode_id: str, commit: str | None, sha256: str | None = None
+    ) -> FilesystemWriter:
         directory = self.layout.tmp_dir / host_id
         directory.mkdir(parents=True, exist_ok=True)
         name = f"{episode_id}~{commit or '-'}~{secrets.token_hex(6)}.part"

@@ -54,7 +54,9 @@ class MemoryBlobStore:
     def prepare(self) -> None:
         pass
 
-    def open_writer(self, host_id: str, episode_id: str, commit: str | None) -> MemoryWriter:
+    def open_writer(
+        self, host_id: str, episode_id: str, commit: str | None, sha256: str | None = None
+    ) -> MemoryWriter:
         return MemoryWriter(self, host_id, episode_id)
 
     def exists(self, host_id: str, episode_id: str) -> bool:

@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import pytest
 
-from receiver.config import GateConfig, ReceiverConfig, StorageConfig
+from receiver.config import FilesystemStorageConfig, GateConfig, ReceiverConfig
 from receiver.errors import (
     CommitMismatch,
     Conflict,
@@ -40,7 +40,7 @@ def never_fatal(message: str) -> NoReturn:
 def make_ingestor() -> tuple[Ingestor, MemoryBlobStore, MemoryCatalogue]:
     unused = Path("/nonexistent/never-touched")
     config = ReceiverConfig(
-        storage=StorageConfig(data_dir=unused, min_free_bytes=0),
+        storage=FilesystemStorageConfig(data_dir=unused, min_free_bytes=0),
         version_gate=GateConfig(enabled=False),  # emergency collect mode: no git needed
     )
     blobs, catalogue = MemoryBlobStore(), MemoryCatalogue()
@@ -106,7 +106,7 @@ def test_rejected_bodies_leave_no_blob_and_no_row(files: dict[str, bytes] | None
 def test_size_is_refused_on_content_length_before_the_body_is_read() -> None:
     ingestor, blobs, _ = make_ingestor()
     ingestor.config = ReceiverConfig(
-        storage=StorageConfig(data_dir=Path("/nonexistent"), max_upload_bytes=10),
+        storage=FilesystemStorageConfig(data_dir=Path("/nonexistent"), max_upload_bytes=10),
         version_gate=GateConfig(enabled=False),
     )
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from receiver.config import GateConfig, ReceiverConfig, StorageConfig
+from receiver.config import FilesystemStorageConfig, GateConfig, ReceiverConfig
 from receiver.storage import CatalogueCorrupt, DurabilityError, keep_for_this_process, open_storage
 from receiver.storage.jsonl import JsonlCatalogue
 from receiver.storage.rows import IndexRow, decode_row, encode_row, new_row
@@ -486,7 +486,8 @@ def test_strict_load_names_a_line_that_is_not_exactly_one_row(
 def test_a_kept_catalogue_is_taken_once_and_catches_up(tmp_path: Path) -> None:
     path = index_file(tmp_path)
     config = ReceiverConfig(
-        storage=StorageConfig(data_dir=path.parent), version_gate=GateConfig(enabled=False)
+        storage=FilesystemStorageConfig(data_dir=path.parent),
+        version_gate=GateConfig(enabled=False),
     )
     recovered = open_storage(config)
     recovered.catalogue.append_if_absent(row("ep-1"))

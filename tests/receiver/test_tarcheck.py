@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from receiver.config import KiB, MiB, StorageConfig
+from receiver.config import FilesystemStorageConfig, KiB, MiB, StorageConfig
 from receiver.errors import InvalidTarball
 from receiver.tarcheck import (
     INLINE_BYTES,
@@ -39,7 +39,7 @@ LOG = b"".join(b"%d,0.%06d,ok\n" % (i, i * 7919 % 1000000) for i in range(40_000
 
 
 def storage(validate: str = "tar", **limits: int) -> StorageConfig:
-    return StorageConfig(data_dir=Path("unused"), validate=validate, **limits)  # type: ignore[arg-type]
+    return FilesystemStorageConfig(data_dir=Path("unused"), validate=validate, **limits)  # type: ignore[arg-type]
 
 
 def entry(
