@@ -101,6 +101,9 @@ class S3StorageConfig(_StorageCommon, frozen=True, kw_only=True, tag="s3"):
     # S3 parts are 5 MiB to 5 GiB (the last may be smaller).
     part_size_bytes: Annotated[int, Meta(ge=5 * MiB, le=5 * GiB)] = 16 * MiB
     abandon_after_seconds: PositiveSeconds = 86_400.0
+    # A commit marker older than this is a dead receiver's: another upload of the id may
+    # take it over (a live commit holds it for one conditional create, seconds at most).
+    commit_timeout_seconds: PositiveSeconds = 600.0
 
 
 # Each backend's keys are their own struct, tagged by `type` (default "filesystem").

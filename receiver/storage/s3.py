@@ -129,6 +129,22 @@ class S3Store:
         self.journal.created(attempt.token, key)
         return self.put_if_absent(key, bytearray(attempt.token.encode()), {})
 
+    def clear_stale_marker(self, attempt: Attempt) -> bool:
+        """Delete the key's marker when it is older than commit_timeout_seconds: the upload
+        that took it died between the marker and the object (its own restart would clean
+        it up too, but the id must not wait for that). True when one was cleared."""
+        key = self.marker_key(attempt)
+        try:
+            head = self._call("head", "head_object", Key=key)
+        except NotFound:
+            return True  # released meanwhile: try again
+        age = datetime.now(UTC) - head["LastModified"]
+        if age < timedelta(seconds=self.config.commit_timeout_seconds):
+            return False
+        log.warning("took over the commit marker of a dead upload: %s", self.where_key(key))
+        self.delete(key)
+        return True
+
     def delete(self, key: str) -> None:
         self._call("delete", "delete_object", Key=key)
 

@@ -90,6 +90,8 @@ class S3Writer:
         if self._upload_id is not None and self._fill:
             self._send_part()
         self._marker = store.take_marker(self._attempt)
+        if not self._marker and store.clear_stale_marker(self._attempt):
+            self._marker = store.take_marker(self._attempt)
         if not self._marker:
             self.abort()
             if store.exists(self._attempt.host_id, self._attempt.episode_id):
