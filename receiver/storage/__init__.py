@@ -32,6 +32,7 @@ from receiver.storage.jsonl_audit import (
     read_index_snapshot,
 )
 from receiver.storage.layout import INDEX_NAME, DataDirLayout
+from receiver.storage.marks import CommitSummary, Rejection, StaleMark, StaleRefusal
 from receiver.storage.rows import HostSummary, IndexRow, new_row
 
 __all__ = [
@@ -46,6 +47,10 @@ __all__ = [
     "BlobStore",
     "BlobWriter",
     "Catalogue",
+    "CommitSummary",
+    "Rejection",
+    "StaleMark",
+    "StaleRefusal",
     "CatalogueCorrupt",
     "CatalogueState",
     "DataDirLayout",
@@ -56,7 +61,6 @@ __all__ = [
     "StoredBlob",
     "Stray",
     "digest_stream",
-    "keep_for_this_process",
     "new_row",
     "open_storage",
     "open_storage_at",
@@ -77,9 +81,6 @@ class Storage:
 
 def open_storage(config: ReceiverConfig) -> Storage:
     """The backends the config's `type` keys name (not opened for serving yet)."""
-    kept = _kept.pop(config.storage.data_dir, None)
-    if kept is not None:
-        return kept
     layout = DataDirLayout(config.storage.data_dir)
     return Storage(_blob_store(config, layout), _catalogue(config, layout), layout)
 
@@ -102,13 +103,3 @@ def _catalogue(config: ReceiverConfig, layout: DataDirLayout) -> Catalogue:
     match config.index:
         case JsonlIndexConfig():
             return JsonlCatalogue(layout.index_path, layout.claims_path)
-
-
-# Start-up recovery's loaded catalogue, for the app when both run in one process (one
-# worker): reading a big index once instead of twice halves the time to ready.
-_kept: dict[Path, Storage] = {}
-
-
-def keep_for_this_process(config: ReceiverConfig, storage: Storage) -> None:
-    """Let the next open_storage(config) in this process take these backends."""
-    _kept[config.storage.data_dir] = storage

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from receiver.storage.base import BlobListing, CatalogueState, StoredBlob
+from receiver.storage.marks import CommitSummary, MemoryMarks
 from receiver.storage.rows import HostSummary, IndexRow, summarise_hosts
 
 
@@ -93,8 +94,9 @@ class MemoryBlobStore:
         return None
 
 
-class MemoryCatalogue:
+class MemoryCatalogue(MemoryMarks):
     def __init__(self) -> None:
+        super().__init__()
         self.rows: dict[tuple[str, str], IndexRow] = {}
         self.claims: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
@@ -135,3 +137,10 @@ class MemoryCatalogue:
 
     def host_summaries(self) -> dict[str, HostSummary]:
         return summarise_hosts(list(self.rows.values()))
+
+    def commit_summaries(self) -> dict[str | None, CommitSummary]:
+        totals: dict[str | None, CommitSummary] = {}
+        for row in list(self.rows.values()):
+            seen = totals.get(row.commit, CommitSummary(0, 0))
+            totals[row.commit] = CommitSummary(seen.episodes + 1, seen.bytes + row.size_bytes)
+        return totals
