@@ -243,6 +243,35 @@ def test_index_append_on_a_full_disk_leaves_the_index_byte_identical(
     assert list(small_fs.glob("index.jsonl.torn-*")) == []
 
 
+def test_a_view_update_on_a_full_disk_keeps_the_durable_row_and_catches_up(
+    small_fs: Path,
+) -> None:
+    """The row fits in index.jsonl's last page, the view's log cannot grow: the append
+    stands (the file wins), lookups see it, and the view catches up once there is room."""
+    index = JsonlCatalogue(small_fs / "index.jsonl")
+    index.append_if_absent(new_row("h", "first", "1" * 64, 1, None))
+    row = new_row("h", "on-full", "2" * 64, 2, "a" * 40)
+    fill_index_to(index, room=len(encode_row(row)))
+    ballast = fill(small_fs, leave=0)
+
+    assert index.append_if_absent(row) == (row, True)
+    assert index.view.position().offset < index.path.stat().st_size  # the view is behind
+    assert index.lookup(*row.key) == row
+    assert index.append_if_absent(row) == (row, False)
+
+    ballast.unlink()
+    later = new_row("h", "later", "3" * 64, 3, None)
+    assert index.append_if_absent(later) == (later, True)
+    assert index.view.position().offset == index.path.stat().st_size
+    rows = read_state(small_fs).rows
+    other = JsonlCatalogue(index.path)
+    assert other.count() == len(rows)
+    assert other.lookup(*row.key) == row and other.lookup(*later.key) == later
+    assert other.host_summaries()["h"].episodes == len(rows)
+    index.close()
+    other.close()
+
+
 def _write_then(code: int, real: Callable[[int, bytes], int], line: bytes) -> object:
     def fake_write(fd: int, data: bytes) -> int:
         if bytes(data) != line:
