@@ -124,3 +124,25 @@ def test_a_torn_tail_cut_at_start_leaves_the_view_in_step(
     catalogue = JsonlCatalogue(index)
     assert catalogue.refresh().offset == index.stat().st_size  # current, not rebuilt
     catalogue.close()
+
+
+def test_rejections_and_stale_marks_survive_a_restart_and_are_every_workers(
+    tmp_path: Path, gate_repo: tuple[Path, str]
+) -> None:
+    _, commit = gate_repo
+    receiver = Receiver(tmp_path, gate_repo[0], server={"workers": 2})
+    try:
+        receiver.start()
+        unknown = "0" * 40
+        assert receiver.put("lab-old", "ep-refused", episode(unknown), unknown).status_code == 412
+        upload_some(receiver, commit, ["kept"])
+        receiver.stop()
+        receiver.start()
+        # Each request may reach either worker: every one of them shows the same.
+        pages = [httpx.get(f"{receiver.url}/", timeout=10).text for _ in range(6)]
+        for page in pages:
+            assert 'data-host="lab-old" data-state="stale"' in page, page[page.index("<h2>") :]
+            assert 'data-reason="unknown-commit"' in page and "ep-refused" in page
+            assert f'data-commit="{commit}"' in page  # the dataset-by-commit chart
+    finally:
+        receiver.kill()
