@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import figures_ops, figures_postgres, figures_upload
+from bench import figures_ops, figures_postgres, figures_upload, figures_view
 from bench.receivers import Bench, compile_bytecode
 from bench.report import Figure, print_figure, summary_lines
 from bench.sizes import QUICK, Sizes
@@ -34,6 +34,7 @@ GROUPS: list[tuple[tuple[str, ...], Measure]] = [
     (("cold-start",), figures_ops.cold_start),
     (("pack",), figures_ops.pack),
     (("verify",), figures_ops.verify),
+    (("view-build", "view-open", "view-lookup", "view-status"), figures_view.view_figures),
     (("pg-small", "pg-rows"), figures_postgres.postgres),
 ]
 FIGURES = [key for keys, _ in GROUPS for key in keys]

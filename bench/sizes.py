@@ -18,6 +18,7 @@ class Sizes:
     small_clients: int = 16
     gate_refresh_seconds: float = 1.0
     index_rows: int = 1_000_000
+    view_rows: int = 10_000_000
     pack_mib: int = 1024
     verify_mib: int = 4096
     verify_file_mib: int = 256
@@ -32,6 +33,7 @@ QUICK = Sizes(
     small_uploads=64,
     gate_refresh_seconds=0.25,
     index_rows=2000,
+    view_rows=5000,
     pack_mib=4,
     verify_mib=8,
     verify_file_mib=2,

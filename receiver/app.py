@@ -221,16 +221,20 @@ async def metrics(request: Request) -> Response:
 
 async def status_page(request: Request) -> Response:
     services = _services(request)
-    hosts = await asyncio.to_thread(services.storage.catalogue.host_summaries)
-    page = render_status_page(
-        hosts=hosts,
-        gate_state=services.gate.state(),
-        gate_positions=services.gate.position,
-        telemetry=services.telemetry,
-        now=time.time(),
-        version=__version__,
-    )
-    return HTMLResponse(page)
+    catalogue = services.storage.catalogue
+
+    def render() -> str:  # in a thread: every figure is read from the catalogue's storage
+        return render_status_page(
+            hosts=catalogue.host_summaries(),
+            commits=catalogue.commit_summaries(),
+            gate_state=services.gate.state(),
+            gate_positions=services.gate.position,
+            telemetry=services.telemetry,
+            now=time.time(),
+            version=__version__,
+        )
+
+    return HTMLResponse(await asyncio.to_thread(render))
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

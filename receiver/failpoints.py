@@ -16,6 +16,7 @@ AFTER_TEMP_WRITE = "after-temp-write"  # every body byte written to the temp fil
 AFTER_FSYNC = "after-fsync"  # temp file fsynced, not yet linked under its final name
 AFTER_INSTALL = "after-install"  # linked under the final name, directory fsynced, no row
 DURING_INDEX_APPEND = "during-index-append"  # half of the row written to index.jsonl
+BEFORE_VIEW_UPDATE = "before-view-update"  # row fsynced in index.jsonl, not yet in its view
 AFTER_INDEX_APPEND = "after-index-append"  # row fsynced, temp name not yet removed
 BEFORE_RESPONSE = "before-response"  # everything durable and tidied, 201 not yet sent
 
@@ -24,6 +25,7 @@ POINTS = (
     AFTER_FSYNC,
     AFTER_INSTALL,
     DURING_INDEX_APPEND,
+    BEFORE_VIEW_UPDATE,
     AFTER_INDEX_APPEND,
     BEFORE_RESPONSE,
 )

@@ -20,7 +20,6 @@ from receiver.storage import (
     DataDirLayout,
     DurabilityError,
     Storage,
-    keep_for_this_process,
     open_storage,
 )
 from receiver.stored_rows import row_for_stored_blob
@@ -72,10 +71,7 @@ def recover(config: ReceiverConfig) -> None:
             f"recovery failed on {config.storage.data_dir}: {error}; "
             "free space or fix the disk, then start again"
         ) from None
-    if config.server.workers == 1:
-        keep_for_this_process(config, storage)  # the app runs here: no second read
-    else:
-        storage.close()
+    storage.close()  # the workers open the view again: with it current, that costs no reading
 
 
 def _recover(config: ReceiverConfig) -> Storage:

@@ -59,14 +59,16 @@ async def serving(config: ReceiverConfig) -> AsyncIterator[Services]:
         config.storage.min_free_bytes,
     )
     ingestor = Ingestor(config, gate, storage, admission, exit_for_recovery)
+    telemetry = Telemetry(marks=storage.catalogue)  # shared by the workers, kept over restarts
     try:
-        yield Services(config, gate, storage, admission, Telemetry(), tokens, ingestor)
+        yield Services(config, gate, storage, admission, telemetry, tokens, ingestor)
     finally:
         # uvicorn cancels uploads that outlast the grace period and then runs this at
         # once; let them remove their temp files and release their claims first.
         if not await admission.wait_idle(timeout=10):
             log.warning("%d upload(s) still cleaning up at shutdown", admission.active)
         await gate.close()
+        await asyncio.to_thread(telemetry.close)
         storage.close()
 
 

@@ -1,9 +1,10 @@
 """The operator's status page: one self-contained HTML document (inline CSS, no script, no
 external resources), so it works offline and from a phone on the lab network.
 
-Per-host totals come from the catalogue's host summaries; STALE marks and recent
-rejections from the answering worker's Telemetry. Every value that reaches the page is
-HTML-escaped: rejection events carry whatever a client sent.
+Per-host and per-commit totals come from the catalogue's summaries; STALE marks and recent
+rejections from Telemetry's keeper (the catalogue: every worker's, kept across restarts).
+Blocking: render it in a thread. Every value that reaches the page is HTML-escaped:
+rejection events carry whatever a client sent.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import html
 from collections.abc import Callable
 
 from receiver.gate import warning_threshold
-from receiver.storage import HostSummary
+from receiver.status_commits import COMMIT_CSS, commit_lines, render_commits
+from receiver.storage import CommitSummary, HostSummary
 from receiver.telemetry import Telemetry
 
 SHORT = 10  # characters of a commit id shown; the full id is in the title attribute
@@ -100,7 +102,7 @@ def _badge(mark: dict[str, object] | None, now: float) -> str:
     behind = mark.get("behind_by")
     commit = mark.get("commit")
     short = commit[:SHORT] if isinstance(commit, str) else "unknown"
-    seen = f"{mark['refusals']} refusal(s) seen by this worker"
+    seen = f"{mark['refusals']} refusal(s)"
     detail = f"{mark['reason']} {human_age(now - at)}"
     why = f"refused as {mark['reason']} at {_iso(at)}: commit {commit}"
     if behind is not None:
@@ -164,6 +166,7 @@ def render_status_page(
     telemetry: Telemetry,
     now: float,
     version: str,
+    commits: dict[str | None, CommitSummary] | None = None,
 ) -> str:
     stale = telemetry.stale_hosts(now=now)
     names = sorted(set(hosts) | set(stale))
@@ -189,7 +192,7 @@ def render_status_page(
     if not host_rows:
         host_rows.append('<tr><td colspan="7" class="muted">No episodes received yet.</td></tr>')
 
-    rejections = telemetry.recent_rejections()
+    rejections = telemetry.recent_rejections(now=now)
     rejection_rows = []
     for item in rejections:
         at = float(item["time"])  # type: ignore[arg-type]
@@ -213,8 +216,10 @@ def render_status_page(
         + _card("Stored", _e(human_bytes(total_bytes)), "total-bytes")
         + _card("Stale hosts", str(stale_now), "stale-count", alert=stale_now > 0)
     )
+    by_commit = render_commits(commit_lines(commits or {}, gate_positions, gate_state), human_bytes)
     return _TEMPLATE.format(
-        css=_CSS,
+        css=_CSS + COMMIT_CSS,
+        commits=by_commit,
         version=_e(version),
         generated=_e(_iso(now)),
         banner=_gate_banner(gate_state),
@@ -284,11 +289,14 @@ _TEMPLATE = """<!doctype html>
 <th class="num">Bytes</th>
 <th>Last episode</th><th>Last commit</th><th>Behind head</th></tr></thead>
 <tbody>{hosts}</tbody></table>
+<h2>Dataset by commit <small class="muted">(episodes; green in the window, orange near
+its edge, red outside it)</small></h2>
+<section id="dataset-by-commit">{commits}</section>
 <h2>Recent rejections <small class="muted">({rejection_count}, newest first)</small></h2>
 <table id="rejections"><thead><tr><th>When</th><th>Host</th><th>Episode</th><th>Reason</th>
 <th>Commit</th></tr></thead><tbody>{rejections}</tbody></table>
-<footer>Episodes, bytes and last commits come from the shared index. STALE marks and
-rejections are those seen by the worker that answered this request (pid {pid}, started
-{started}); with several workers, reload to see another's.</footer>
+<footer>Episodes, bytes, commits, STALE marks and rejections come from the shared
+catalogue (every worker's, kept across restarts for 24 h). Answered by pid {pid}, started
+{started}.</footer>
 </main></body></html>
 """

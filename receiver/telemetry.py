@@ -1,22 +1,24 @@
 """Request counters, recent rejections and stale-host marks, and /metrics in Prometheus text.
 
-One Telemetry per worker process: the request counters, the rejection ring buffer and the
-stale marks describe the requests *this* worker answered (uvicorn workers share no memory,
-and prometheus multiprocess mode is deliberately not used). Gate and index figures are the
-same in every worker: each one runs its own gate and catches up on the shared index.
+One Telemetry per worker process: the request counters describe the requests *this* worker
+answered (prometheus multiprocess mode is deliberately not used). Rejections and stale marks
+go to a Marks keeper: the catalogue in a receiver (shared by every worker, kept across
+restarts), written from one background thread so the event loop never waits on it.
 Memory is bounded whatever clients send: label values and remembered hosts are capped.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -24,6 +26,9 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 
 from episode_common.wire import ID_PATTERN
 from receiver.events import UNAUTHENTICATED_HOST, RequestEvent
+from receiver.storage.marks import MemoryMarks, Rejection, StaleMark, StaleRefusal
+
+log = logging.getLogger(__name__)
 
 # The contract's id rule: only such ids may become label values.
 _VALID_ID = ID_PATTERN
@@ -42,6 +47,25 @@ DURATION_BUCKETS = (
 # Strings kept from events are cut to this length: ids are at most 128 characters, so
 # anything longer is hostile and only needs to be recognisable, not complete.
 _KEEP_CHARS = 160
+
+
+class Marks(Protocol):
+    """Where rejections and stale marks are kept (the Catalogue has these methods)."""
+
+    def record_rejection(self, rejection: Rejection) -> None: ...
+
+    def recent_rejections(self, since: float) -> list[Rejection]: ...
+
+    def record_stale(self, refusal: StaleRefusal) -> None: ...
+
+    def record_accepted(self, host_id: str, at: float) -> None: ...
+
+    def stale_marks(self, since: float) -> dict[str, StaleMark]: ...
+
+
+# Writes waiting for the background thread; under a flood the oldest are dropped (the keeper
+# keeps only the newest 1,000 rejections anyway), so memory stays flat.
+MAX_PENDING_WRITES = 1000
 
 
 def host_label(host_id: str) -> str:
@@ -72,18 +96,29 @@ class Telemetry:
         stale_mark_seconds: float = 24 * 3600,
         max_host_labels: int = 1000,
         max_stale_hosts: int = 10_000,
+        marks: Marks | None = None,
     ) -> None:
+        """marks: a shared keeper, written in the background; None: this process's memory."""
         if recent_rejections < 1 or stale_mark_seconds <= 0:
             raise ValueError("recent_rejections must be >= 1 and stale_mark_seconds > 0")
         self.pid = os.getpid()
         self.started_at = time.time()
         self._stale_mark_seconds = stale_mark_seconds
         self._max_host_labels = max_host_labels
-        self._max_stale_hosts = max_stale_hosts
+        self._recent = recent_rejections
         self._lock = threading.Lock()
-        self._rejections: deque[dict[str, object]] = deque(maxlen=recent_rejections)
-        # host -> its last refusal as stale/unknown; insertion order = least recently marked first.
-        self._stale: OrderedDict[str, _StaleMark] = OrderedDict()
+        # `is None`, not `or`: a catalogue with no rows is falsy (it has __len__).
+        self._marks: Marks = (
+            MemoryMarks(max_rejections=recent_rejections, max_stale_hosts=max_stale_hosts)
+            if marks is None
+            else marks
+        )
+        self._background = marks is not None
+        self._pending: deque[tuple[Callable[[Any], None], object]] = deque()
+        self._wake = threading.Condition(self._lock)
+        self._writer: threading.Thread | None = None
+        self._closing = False
+        self.dropped_marks = 0
         self._host_labels: set[str] = set()
         self._free_bytes: int | None = None
         self._index_rows: int | None = None
@@ -130,25 +165,71 @@ class Telemetry:
                     self._bytes.inc(max(0, event.size_bytes))
             if is_rejection(event):
                 self._rejected.labels(outcome, self._bounded_host_label(event.host_id)).inc()
-                self._rejections.append(
-                    {
-                        "time": event.finished_at,
-                        "method": event.method,
-                        "host": event.host_id[:_KEEP_CHARS],
-                        "episode": event.episode_id[:_KEEP_CHARS],
-                        "outcome": outcome,
-                        "status": event.status,
-                        "commit": event.commit,
-                        "behind_by": event.behind_by,
-                    }
-                )
-            if not _VALID_ID.fullmatch(event.host_id):
-                return
-            if outcome in STALE_OUTCOMES:
-                self._mark_stale(event, outcome)
-            elif outcome == "stored" and event.host_id in self._stale:
-                # Kept, not cleared: episodes refused earlier are still parked on the host.
-                self._stale[event.host_id].accepted_since = event.finished_at
+        if is_rejection(event):
+            rejection = Rejection(
+                time=event.finished_at,
+                method=event.method,
+                host=event.host_id[:_KEEP_CHARS],
+                episode=event.episode_id[:_KEEP_CHARS],
+                outcome=outcome,
+                status=event.status,
+                commit=event.commit,
+                behind_by=event.behind_by,
+            )
+            self._keep(self._marks.record_rejection, rejection)
+        if not _VALID_ID.fullmatch(event.host_id):
+            return
+        if outcome in STALE_OUTCOMES:
+            refusal = StaleRefusal(
+                host=event.host_id,
+                at=event.finished_at,
+                commit=event.commit,
+                reason=outcome,
+                behind_by=event.behind_by,
+                episode=event.episode_id[:_KEEP_CHARS],
+            )
+            self._keep(self._marks.record_stale, refusal)
+        elif outcome == "stored":
+            self._keep(
+                lambda host: self._marks.record_accepted(host, event.finished_at), event.host_id
+            )
+
+    def _keep(self, write: Callable[[Any], None], item: object) -> None:
+        """Write to the marks keeper: at once in memory, else on the background thread."""
+        if not self._background:
+            write(item)
+            return
+        with self._lock:
+            if len(self._pending) >= MAX_PENDING_WRITES:
+                self._pending.popleft()
+                self.dropped_marks += 1
+            self._pending.append((write, item))
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_all, name="marks", daemon=True)
+                self._writer.start()
+            self._wake.notify()
+
+    def _write_all(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending and not self._closing:
+                    self._wake.wait()
+                if not self._pending:
+                    return
+                write, item = self._pending.popleft()
+            try:
+                write(item)
+            except Exception as error:  # a full disk must not stop the counting
+                log.warning("could not keep a rejection or stale mark: %s", error)
+
+    def close(self) -> None:
+        """Let queued marks reach the keeper (at shutdown, before the catalogue closes)."""
+        with self._lock:
+            self._closing = True
+            self._wake.notify()
+            writer = self._writer
+        if writer is not None:
+            writer.join(timeout=10)
 
     def _bounded_host_label(self, host_id: str) -> str:
         label = host_label(host_id)
@@ -158,19 +239,6 @@ class Telemetry:
             return "other"  # with auth off, anyone can invent valid ids; series stay bounded
         self._host_labels.add(label)
         return label
-
-    def _mark_stale(self, event: RequestEvent, outcome: str) -> None:
-        previous = self._stale.pop(event.host_id, None)
-        self._stale[event.host_id] = _StaleMark(
-            at=event.finished_at,
-            commit=event.commit,
-            reason=outcome,
-            behind_by=event.behind_by,
-            episode=event.episode_id[:_KEEP_CHARS],
-            refusals=(previous.refusals if previous else 0) + 1,
-        )
-        while len(self._stale) > self._max_stale_hosts:
-            self._stale.popitem(last=False)
 
     def set_gauges(self, *, free_bytes: int | None, index_rows: int) -> None:
         with self._lock:
@@ -186,28 +254,19 @@ class Telemetry:
             body = generate_latest(self.registry)
         return body, CONTENT_TYPE_PLAIN_0_0_4
 
-    def recent_rejections(self) -> list[dict[str, object]]:
-        """Newest first; copies, so callers may keep them."""
-        with self._lock:
-            return [dict(item) for item in reversed(self._rejections)]
+    def recent_rejections(self, now: float | None = None) -> list[dict[str, object]]:
+        """Newest first, at most recent_rejections of the last stale_mark_seconds.
+        Blocking (the keeper may be on disk): callers on the event loop use a thread."""
+        cutoff = (time.time() if now is None else now) - self._stale_mark_seconds
+        items = self._marks.recent_rejections(cutoff)[: self._recent]
+        return [asdict(item) for item in items]
 
     def stale_hosts(self, now: float | None = None) -> dict[str, dict[str, object]]:
         """Hosts refused as stale/unknown within stale_mark_seconds: at, commit, reason,
-        behind_by, episode, refusals, accepted_since (time of a later stored upload or None)."""
+        behind_by, episode, refusals, accepted_since (time of a later stored upload or None).
+        Blocking, like recent_rejections."""
         cutoff = (time.time() if now is None else now) - self._stale_mark_seconds
-        with self._lock:
-            return {host: asdict(mark) for host, mark in self._stale.items() if mark.at >= cutoff}
-
-
-@dataclass
-class _StaleMark:
-    at: float
-    commit: str | None
-    reason: str
-    behind_by: int | None
-    episode: str
-    refusals: int  # refusals as stale/unknown while the mark was kept
-    accepted_since: float | None = None
+        return {host: asdict(mark) for host, mark in self._marks.stale_marks(cutoff).items()}
 
 
 class _ScrapeCollector:

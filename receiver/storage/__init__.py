@@ -38,6 +38,7 @@ from receiver.storage.jsonl_audit import (
     read_index_snapshot,
 )
 from receiver.storage.layout import INDEX_NAME, DataDirLayout
+from receiver.storage.marks import CommitSummary, Rejection, StaleMark, StaleRefusal
 from receiver.storage.rows import HostSummary, IndexRow, decode_row, encode_row, new_row
 
 __all__ = [
@@ -52,6 +53,10 @@ __all__ = [
     "BlobStore",
     "BlobWriter",
     "Catalogue",
+    "CommitSummary",
+    "Rejection",
+    "StaleMark",
+    "StaleRefusal",
     "CatalogueCorrupt",
     "CatalogueState",
     "DataDirLayout",
@@ -64,7 +69,6 @@ __all__ = [
     "decode_row",
     "digest_stream",
     "encode_row",
-    "keep_for_this_process",
     "new_row",
     "open_storage",
     "open_storage_at",
@@ -85,9 +89,6 @@ class Storage:
 
 def open_storage(config: ReceiverConfig) -> Storage:
     """The backends the config's `type` keys name (not opened for serving yet)."""
-    kept = _kept.pop(config.storage.data_dir, None)
-    if kept is not None:
-        return kept
     layout = DataDirLayout(config.storage.data_dir)
     return Storage(_blob_store(config, layout), _catalogue(config, layout), layout)
 
@@ -119,13 +120,3 @@ def _catalogue(config: ReceiverConfig, layout: DataDirLayout) -> Catalogue:
             from receiver.storage.postgresql import PostgresCatalogue
 
             return PostgresCatalogue(config.index)
-
-
-# Start-up recovery's loaded catalogue, for the app when both run in one process (one
-# worker): reading a big index once instead of twice halves the time to ready.
-_kept: dict[Path, Storage] = {}
-
-
-def keep_for_this_process(config: ReceiverConfig, storage: Storage) -> None:
-    """Let the next open_storage(config) in this process take these backends."""
-    _kept[config.storage.data_dir] = storage

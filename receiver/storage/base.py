@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
+from receiver.storage.marks import CommitSummary, Rejection, StaleMark, StaleRefusal
 from receiver.storage.rows import HostSummary, IndexRow
 
 
@@ -176,3 +177,24 @@ class Catalogue(Protocol):
         """Rows in the order they were committed, after the row of key (None: all of them);
         KeyError when key has no row. For export: resumable from the last row copied."""
         ...
+
+    def commit_summaries(self) -> dict[str | None, CommitSummary]:
+        """Episodes and bytes per commit (None: rows without one)."""
+        ...
+
+    # Recent rejections and stale marks, kept here so that every worker (and a restarted
+    # receiver) shows the same; bounded as receiver.storage.marks says.
+
+    def record_rejection(self, rejection: Rejection) -> None: ...
+
+    def recent_rejections(self, since: float) -> list[Rejection]:
+        """Newest first, none older than since."""
+        ...
+
+    def record_stale(self, refusal: StaleRefusal) -> None: ...
+
+    def record_accepted(self, host_id: str, at: float) -> None:
+        """A stored upload: noted on the host's stale mark, if it has one."""
+        ...
+
+    def stale_marks(self, since: float) -> dict[str, StaleMark]: ...

@@ -1,62 +1,43 @@
-"""The jsonl catalogue: index.jsonl, one sorted-key JSON row per stored episode.
+"""The jsonl catalogue: index.jsonl is the record, a SQLite view beside it answers lookups.
 
-Exactly one row per (host, episode): every writer catches up on rows appended
-by other processes and checks for an existing row under an inter-process lock
-(flock on index.jsonl.lock), then appends with one write and fsync. A torn last
-line (a writer died mid-append) is cut off, kept in a side file, before anyone
-appends after it. Readers consume complete lines only.
+Exactly one row per (host, episode): under the inter-process lock (flock on
+index.jsonl.lock) a writer catches the view up on rows other processes appended, checks
+for an existing row, appends with one write and fsync, then records the rows in the view.
+Memory and start-up time do not grow with the rows (receiver.storage.jsonl_view).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import fcntl
 import logging
-import operator
 import os
+import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgspec
-
-from episode_common.durable import atomic_write, fsync_dir
 from receiver import failpoints
-from receiver.storage.base import CatalogueCorrupt, CatalogueState, DurabilityError
+from receiver.storage import jsonl_marks
+from receiver.storage.base import CatalogueState, DurabilityError
 from receiver.storage.episode_locks import EpisodeLocks
-from receiver.storage.rows import (
-    HostSummary,
-    IndexRow,
-    decode_row,
-    decode_rows,
-    encode_row,
-    summarise_hosts,
+from receiver.storage.jsonl_file import IndexFile, batches, end_of_last_complete_line, read_row
+from receiver.storage.jsonl_sync import sync_view
+from receiver.storage.jsonl_view import (
+    HEAD_BYTES,
+    Batch,
+    Position,
+    ViewDatabase,
+    is_corrupt,
+    view_path_for,
 )
+from receiver.storage.marks import CommitSummary, Rejection, StaleMark, StaleRefusal
+from receiver.storage.rows import HostSummary, IndexRow, encode_row
 
 log = logging.getLogger(__name__)
 
-_row_key = operator.attrgetter("host_id", "episode_id")
-
-
-def _decode_lines(data: bytes) -> list[IndexRow] | None:
-    """The rows of complete lines in one C call, or None unless every line is exactly one row.
-
-    decode_lines alone would also take blank lines and two rows on one line; the shape
-    check (each line is `{...}`, as many rows as lines) leaves only one-row lines.
-    """
-    if not data:
-        return []
-    try:
-        rows = decode_rows(data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    lines = data.count(b"\n")
-    shaped = data.startswith(b"{") and data.endswith(b"}\n")
-    if not shaped or len(rows) != lines or data.count(b"}\n{") != lines - 1:
-        return None
-    return rows
+PENDING_SCAN_BYTES = 1 << 20  # a lookup reads at most this much of the file past the view
+_TOO_MUCH = object()
 
 
 @dataclass
@@ -69,21 +50,21 @@ class _Append:
 
 
 class JsonlCatalogue:
-    """index.jsonl with an in-memory view, shared safely by several processes.
+    """index.jsonl and its view, shared safely by several processes.
 
     Claims are byte-range locks in claims_path, shared with every writer of this data_dir.
     """
 
-    def __init__(self, path: Path, claims_path: Path | None = None) -> None:
+    def __init__(
+        self, path: Path, claims_path: Path | None = None, view_path: Path | None = None
+    ) -> None:
         self.path = path
-        self.lock_path = path.with_name(path.name + ".lock")
+        self.file = IndexFile(path)
+        self.lock_path = self.file.lock_path
+        self.view = ViewDatabase(view_path or view_path_for(path))
         self._claims_path = claims_path or path.with_name("episodes.lock")
         self._claims: EpisodeLocks | None = None
-        self._view: dict[tuple[str, str], IndexRow] = {}
-        self._offset = 0
-        self._inode: int | None = None
-        self._skipped_lines = 0
-        self._loaded = False
+        self._reader: tuple[int, int] | None = None  # (inode, fd) of index.jsonl for preads
         # One thread at a time catches up or appends; other processes are kept out by flock.
         self._mutex = threading.Lock()
         # Rows waiting for the next group commit (append_if_absent).
@@ -93,26 +74,54 @@ class JsonlCatalogue:
     # -- the Catalogue interface ---------------------------------------------------
 
     def recover(self, *, repair: bool = True) -> CatalogueState:
-        """Cut a torn tail (repair=False: only measure it), then load every row strictly."""
-        if repair:
-            with self.locked():
-                torn = self.repair_torn_tail()
-        else:
-            torn = self.torn_tail_bytes()
+        """Cut a torn tail (repair=False: only measure it), then bring the view up to date,
+        checking strictly every row it has not seen yet."""
+        with self.locked():
+            torn = self.file.repair_torn_tail() if repair else self.file.torn_tail_bytes()
         self.load(strict=True)
-        return CatalogueState(rows=len(self), torn_tail_bytes=torn)
+        return CatalogueState(rows=self.count(), torn_tail_bytes=torn)
 
     def open(self) -> None:
-        self.load_once()
+        self.refresh()
 
     def close(self) -> None:
         if self._claims is not None:
             self._claims.close()
             self._claims = None
+        with self.view.lock:
+            self.view.close()
+            if self._reader is not None:
+                os.close(self._reader[1])
+                self._reader = None
 
     def lookup(self, host_id: str, episode_id: str) -> IndexRow | None:
-        self.refresh()
-        return self._view.get((host_id, episode_id))
+        for _ in range(3):
+            try:
+                with self.view.lock:
+                    # Position first: a row missing from the view read after it lies past it.
+                    position = self.view.position()
+                    found = self.view.locate(host_id, episode_id)
+                    fd = self._fd_for(position)
+            except sqlite3.Error as error:
+                self._view_trouble(error)
+                continue
+            if fd is None:  # the file is not the one the view describes
+                self.refresh()
+                continue
+            if found is None:
+                pending = self._scan_pending(
+                    fd, position, (host_id, episode_id), PENDING_SCAN_BYTES
+                )
+                if pending is not _TOO_MUCH:
+                    return pending  # type: ignore[return-value]
+                self.refresh()
+                continue
+            row = read_row(fd, *found)
+            if row is not None and row.key == (host_id, episode_id):
+                return row
+            log.error("index view points %s/%s at a wrong line; rebuilding", host_id, episode_id)
+            self._rebuild()
+        raise OSError(f"index view {self.view.path} keeps disagreeing with {self.path}")
 
     def claim(self, host_id: str, episode_id: str) -> bool:
         if self._claims is None:
@@ -124,16 +133,33 @@ class JsonlCatalogue:
             self._claims.release(host_id, episode_id)
 
     def count(self) -> int:
-        self.refresh()
-        return len(self._view)
-
-    def iter_rows(self) -> Iterator[IndexRow]:
-        self.refresh()
-        return iter(list(self._view.values()))
+        return self.refresh().rows
 
     def host_summaries(self) -> dict[str, HostSummary]:
         self.refresh()
-        return summarise_hosts(list(self._view.values()))
+        with self.view.lock:
+            return self.view.host_summaries()
+
+    def commit_summaries(self) -> dict[str | None, CommitSummary]:
+        self.refresh()
+        with self.view.lock:
+            totals = self.view.commit_totals()
+        return {commit: CommitSummary(*figures) for commit, figures in totals.items()}
+
+    def record_rejection(self, rejection: Rejection) -> None:
+        jsonl_marks.record_rejection(self.view, rejection)
+
+    def recent_rejections(self, since: float) -> list[Rejection]:
+        return jsonl_marks.recent_rejections(self.view, since)
+
+    def record_stale(self, refusal: StaleRefusal) -> None:
+        jsonl_marks.record_stale(self.view, refusal)
+
+    def record_accepted(self, host_id: str, at: float) -> None:
+        jsonl_marks.record_accepted(self.view, host_id, at)
+
+    def stale_marks(self, since: float) -> dict[str, StaleMark]:
+        return jsonl_marks.stale_marks(self.view, since)
 
     def unready_reason(self) -> str | None:
         if not os.access(self.path.parent, os.W_OK | os.X_OK):
@@ -141,164 +167,138 @@ class JsonlCatalogue:
         return None
 
     def rows_after(self, key: tuple[str, str] | None) -> Iterator[IndexRow]:
-        """File order is commit order. A line counts when it is the row in force for its key
-        (not a later duplicate): lookups decide, so no set of every key seen is kept."""
-        self.refresh()
-        if key is not None and key not in self._view:
-            raise KeyError(key)
-        return self._rows_after(key, self._offset)
+        """File order is commit order: the rows in force after key's line (the view says where
+        it is), duplicates left out, streamed from the file."""
+        position = self.refresh()
+        start = 0
+        if key is not None:
+            with self.view.lock:
+                found = self.view.locate(*key)
+            if found is None:
+                raise KeyError(key)
+            start = found[0] + found[1]
+        return self._rows_from(start, position.offset, dedupe=position.rows != position.lines)
 
-    def _rows_after(self, key: tuple[str, str] | None, end: int) -> Iterator[IndexRow]:
-        found = key is None
-        for row in _rows_of(self.path, end):
-            if self._view.get(row.key) != row:
-                continue
-            if found:
-                yield row
-            elif row.key == key:
-                found = True
+    def iter_rows(self) -> Iterator[IndexRow]:
+        """Rows in force, in file order, streamed from the file (duplicates left out)."""
+        position = self.refresh()
+        return self._rows_from(0, position.offset, dedupe=position.rows != position.lines)
+
+    def _rows_from(self, start: int, end: int, *, dedupe: bool) -> Iterator[IndexRow]:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            # lines_before only numbers the lines of log messages: 0 is fine mid-file.
+            for batch in batches(fd, start, end, 0, strict=False, path=self.path):
+                for row, offset in zip(batch.rows, batch.offsets, strict=True):
+                    if not dedupe or self._locate(row)[0] == offset:
+                        yield row
+        finally:
+            os.close(fd)
 
     # -- reading -----------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._view)
+        return self.count()
 
     def rows(self) -> Iterator[IndexRow]:
-        return iter(list(self._view.values()))
+        return self.iter_rows()
 
     def load(self, *, strict: bool = True) -> None:
-        """Read the whole file. strict: a corrupt complete line raises IndexCorrupt."""
-        with self._mutex:
-            self._view.clear()
-            self._offset = 0
-            self._inode = None
-            self._catch_up(strict=strict)
-            self._loaded = True
-
-    def load_once(self) -> None:
-        """Load leniently, or only catch up when this view was loaded already (handed over)."""
-        if self._loaded:
-            self.refresh()
-        else:
-            self.load(strict=False)
-
-    def refresh(self) -> None:
-        """Pick up rows appended by other processes since the last look."""
-        try:
-            stat = self.path.stat()
-        except FileNotFoundError:
-            return
-        if stat.st_size == self._offset and stat.st_ino == self._inode:
-            return
-        with self._mutex:
-            self._catch_up(strict=False)
-
-    def _catch_up(self, *, strict: bool) -> None:
-        try:
-            handle = self.path.open("rb")
-        except FileNotFoundError:
-            return
-        with handle:
-            stat = os.fstat(handle.fileno())
-            if self._inode is not None and stat.st_ino != self._inode:
-                # Replaced (e.g. restored from backup): start over.
-                log.warning("index %s was replaced; reloading it", self.path)
-                self._view.clear()
-                self._offset = 0
-            self._inode = stat.st_ino
-            handle.seek(self._offset)
-            data = handle.read(max(0, stat.st_size - self._offset))
-        end = data.rfind(b"\n") + 1  # only complete lines; a torn tail waits
-        complete = data[:end]
-        rows = _decode_lines(complete)
-        if rows is not None:
-            self._add(rows)
-            self._offset += end
-            return
-        # Some line is not exactly one row: go line by line to name it.
-        line_start = 0
-        for raw in complete.splitlines(keepends=True):
+        """Bring the view up to date; strict: a bad line not yet in it raises CatalogueCorrupt."""
+        with self.locked(), self._mutex:
             try:
-                row = decode_row(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError) as error:
-                line_number = self._count_lines_before(self._offset + line_start) + 1
-                if strict:
-                    raise CatalogueCorrupt(
-                        f"{self.path}: line {line_number} is not an index row ({error}); "
-                        "move the line aside or restore the index, then start again"
-                    ) from None
-                self._skipped_lines += 1
-                log.error("index line %d is not a row, skipped: %s", line_number, error)
-            else:
-                self._view.setdefault(row.key, row)
-            line_start += len(raw)
-        self._offset += end
+                sync_view(self.view, self.path, strict=strict)
+            except sqlite3.Error as error:  # full or failing disk: stop, a restart retries
+                raise DurabilityError(f"index view {self.view.path}: {error}") from error
 
-    def _add(self, rows: list[IndexRow]) -> None:
-        """Add rows in file order; the first row of a key stays in force."""
-        if self._view:
-            for row in rows:
-                self._view.setdefault(row.key, row)
-        else:
-            # A whole file at once: built in C. Reversed, so that the first row of a key wins.
-            self._view.update(zip(map(_row_key, reversed(rows)), reversed(rows), strict=True))
+    def refresh(self) -> Position:
+        """Catch up on rows other processes appended, if any; where the view now stands."""
+        try:
+            with self.view.lock:
+                position = self.view.position()
+                fd = self._fd_for(position)
+                if fd is not None and position.mismatch(fd, os.fstat(fd)) is None:
+                    if end_of_last_complete_line(fd, os.fstat(fd).st_size) == position.offset:
+                        return position
+            with self.locked(), self._mutex:
+                return sync_view(self.view, self.path, strict=False)
+        except sqlite3.Error as error:
+            if is_corrupt(error):
+                return self._rebuild()
+            # Busy or full: answer from the view as it stands (behind by a few rows at most).
+            log.warning("index view %s cannot be brought up to date: %s", self.view.path, error)
+            with self.view.lock:
+                return self.view.position()
 
-    def _count_lines_before(self, offset: int) -> int:
-        with self.path.open("rb") as handle:
-            return handle.read(offset).count(b"\n")
+    def _fd_for(self, position: Position) -> int | None:
+        """A read descriptor of index.jsonl if it is the file the view describes, else None."""
+        try:
+            inode = self.path.stat().st_ino
+        except FileNotFoundError:
+            return None if position.offset else self._null_reader()
+        if position.inode is not None and inode != position.inode:
+            return None
+        if self._reader is None or self._reader[0] != inode:
+            if self._reader is not None:
+                os.close(self._reader[1])
+            self._reader = (inode, os.open(self.path, os.O_RDONLY))
+        return self._reader[1]
+
+    def _null_reader(self) -> int:
+        if self._reader is None or self._reader[0] != -1:
+            self._reader = (-1, os.open(os.devnull, os.O_RDONLY))
+        return self._reader[1]
+
+    def _scan_pending(
+        self, fd: int, position: Position, key: tuple[str, str], limit: int | None = None
+    ) -> IndexRow | None | object:
+        """The row of key past the view's position: another writer's, not yet in the view (or
+        a view update failed). Normally there is none; more than limit bytes: _TOO_MUCH."""
+        end = end_of_last_complete_line(fd, os.fstat(fd).st_size)
+        if end <= position.offset:
+            return None
+        if limit is not None and end - position.offset > limit:
+            return _TOO_MUCH
+        for batch in batches(
+            fd, position.offset, end, position.lines, strict=False, path=self.path
+        ):
+            for row in batch.rows:
+                if row.key == key:
+                    return row
+        return None
+
+    def _locate(self, row: IndexRow) -> tuple[int, int] | tuple[None, None]:
+        with self.view.lock:
+            return self.view.locate(row.host_id, row.episode_id) or (None, None)
+
+    def _view_trouble(self, error: sqlite3.Error) -> None:
+        if not is_corrupt(error):
+            raise error
+        self._rebuild()
+
+    def _rebuild(self) -> Position:
+        with self.locked(), self._mutex, self.view.lock:
+            self.view.close()
+            self.view.remove_files()
+            return sync_view(self.view, self.path, strict=False)
 
     # -- writing -----------------------------------------------------------------
 
     @contextmanager
     def locked(self) -> Iterator[None]:
         """The inter-process write lock; every writer (receiver workers, backfill) takes it."""
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with self.file.locked():
             yield
-        finally:
-            os.close(fd)  # closing releases the flock
 
     def torn_tail_bytes(self) -> int:
-        """Size of an incomplete last line (0 if none); read-only, for reports and dry runs."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            return 0
-        try:
-            size = os.fstat(fd).st_size
-            return size - _end_of_last_complete_line(fd, size)
-        finally:
-            os.close(fd)
+        return self.file.torn_tail_bytes()
 
     def repair_torn_tail(self) -> int:
         """Cut an incomplete last line (keeping a copy beside the index). Call under locked()."""
-        try:
-            fd = os.open(self.path, os.O_RDWR)
-        except FileNotFoundError:
-            return 0
-        try:
-            size = os.fstat(fd).st_size
-            if size == 0:
-                return 0
-            keep = _end_of_last_complete_line(fd, size)
-            if keep == size:
-                return 0
-            torn = os.pread(fd, size - keep, keep)
-            stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-            side = self.path.with_name(f"{self.path.name}.torn-{stamp}")
-            atomic_write(side, torn)  # all or nothing: a full disk leaves no empty copy behind
-            os.ftruncate(fd, keep)
-            os.fsync(fd)
-            fsync_dir(self.path.parent)
-            log.warning(
-                "index had a torn last line (%d bytes); cut it off, copy kept in %s",
-                size - keep,
-                side,
-            )
-            return size - keep
-        finally:
-            os.close(fd)
+        return self.file.repair_torn_tail()
 
     def append_if_absent(self, row: IndexRow) -> tuple[IndexRow, bool]:
         """Append row unless (host, episode) has one; returns (the row in force, appended?).
@@ -323,81 +323,68 @@ class JsonlCatalogue:
     def _commit(self, batch: list[_Append]) -> None:
         """Under the mutex: decide every queued row, append the new ones with one fsync."""
         try:
-            with self.locked():
-                self._catch_up(strict=False)
+            with self.file.locked():
+                position = self._sync_for_writing()
                 new: dict[tuple[str, str], IndexRow] = {}
                 for request in batch:
                     key = request.row.key
-                    existing = self._view.get(key)
-                    if existing is None:
-                        existing = new.get(key)
+                    existing = new.get(key) or self._find(key, position)
                     if existing is None:
                         new[key] = request.row
                         request.result = (request.row, True)
                     else:
                         request.result = (existing, False)
                 if new:
-                    self.repair_torn_tail()
-                    self._append_line(b"".join(map(encode_row, new.values())))
-                    self._view.update(new)
+                    self.file.repair_torn_tail()
+                    lines = list(map(encode_row, new.values()))
+                    start = self.file.append(b"".join(lines))
+                    failpoints.hit(failpoints.BEFORE_VIEW_UPDATE)
+                    self._record(list(new.values()), lines, start, position)
         except BaseException as error:
             for request in batch:
                 request.result, request.error = None, error
 
-    def _append_line(self, line: bytes) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        created = False
+    def _sync_for_writing(self) -> Position:
+        """Under the lock: the view caught up, or as it stands when it cannot be written."""
+        with self.view.lock:
+            try:
+                return sync_view(self.view, self.path, strict=False)
+            except sqlite3.Error as error:
+                log.warning(
+                    "index view %s not caught up (%s); reading past it", self.view.path, error
+                )
+                return self.view.position()
+
+    def _find(self, key: tuple[str, str], position: Position) -> IndexRow | None:
+        with self.view.lock:
+            found = self.view.locate(*key)
+            fd = self._fd_for(position)
+        if fd is None:
+            raise OSError(f"{self.path} was replaced while being written")
+        if found is not None:
+            return read_row(fd, *found)
+        return self._scan_pending(fd, position, key)  # type: ignore[return-value]
+
+    def _record(self, rows: list[IndexRow], lines: list[bytes], start: int, at: Position) -> None:
+        """The appended rows into the view; if that fails, the next writer catches up."""
+        if start != at.offset:
+            return  # the view is behind (it could not be written): catching up will add them
+        lengths = list(map(len, lines))
+        offsets = [start]
+        for length in lengths[:-1]:
+            offsets.append(offsets[-1] + length)
+        end = start + sum(lengths)
         try:
-            before = os.fstat(fd).st_size
-            created = before == 0 and self._inode is None
-            try:
-                failpoints.torn_write(failpoints.DURING_INDEX_APPEND, fd, line)
-                written = os.write(fd, line)
-                if written != len(line):
-                    raise OSError(f"short write to index ({written} of {len(line)} bytes)")
-            except OSError as error:
-                # Never leave half a row behind for a reader to misread.
-                try:
-                    os.ftruncate(fd, before)
-                except OSError:
-                    log.critical("could not cut a failed append off %s", self.path)
-                raise DurabilityError(f"append to {self.path} failed: {error}") from error
-            try:
-                os.fsync(fd)
-            except OSError as error:
-                raise DurabilityError(f"fsync of {self.path} failed: {error}") from error
-            stat = os.fstat(fd)
-            self._inode = stat.st_ino
-            self._offset = before + len(line) if before == self._offset else self._offset
-        finally:
-            os.close(fd)
-        if created:
-            fsync_dir(self.path.parent)
-
-
-def _rows_of(path: Path, end: int) -> Iterator[IndexRow]:
-    """The rows of the complete lines before byte `end`, in file order; other lines skipped."""
-    with path.open("rb") as handle:
-        position = 0
-        for line in handle:
-            position += len(line)
-            if position > end:
-                return
-            try:
-                yield decode_row(line)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                continue
-
-
-def _end_of_last_complete_line(fd: int, size: int) -> int:
-    """Offset just past the last newline in the file (0 if none)."""
-    position = size
-    block = 64 * 1024
-    while position > 0:
-        start = max(0, position - block)
-        chunk = os.pread(fd, position - start, start)
-        newline = chunk.rfind(b"\n")
-        if newline >= 0:
-            return start + newline + 1
-        position = start
-    return 0
+            with self.view.lock:
+                fd = self._fd_for(at)
+                assert fd is not None
+                head = os.pread(fd, min(HEAD_BYTES, end), 0)
+                stat = os.fstat(fd)
+                done = Batch(
+                    start, end, rows, offsets, lengths, len(rows), head, offsets[-1], lines[-1]
+                )
+                with self.view.write() as conn:
+                    self.view.apply(conn, done, stat)
+        except sqlite3.Error as error:
+            # The rows are durable in index.jsonl, which wins: the view catches up later.
+            log.warning("index view %s not updated (%s); it will catch up", self.view.path, error)

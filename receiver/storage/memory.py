@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from receiver.storage.base import BlobListing, CatalogueState, StoredBlob
+from receiver.storage.marks import CommitSummary, MemoryMarks
 from receiver.storage.rows import HostSummary, IndexRow, summarise_hosts
 
 
@@ -95,8 +96,9 @@ class MemoryBlobStore:
         return None
 
 
-class MemoryCatalogue:
+class MemoryCatalogue(MemoryMarks):
     def __init__(self) -> None:
+        super().__init__()
         self.rows: dict[tuple[str, str], IndexRow] = {}
         self.claims: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
@@ -147,3 +149,10 @@ class MemoryCatalogue:
             raise KeyError(key)
         start = 0 if key is None else keys.index(key) + 1
         return iter([self.rows[k] for k in keys[start:]])
+
+    def commit_summaries(self) -> dict[str | None, CommitSummary]:
+        totals: dict[str | None, CommitSummary] = {}
+        for row in list(self.rows.values()):
+            seen = totals.get(row.commit, CommitSummary(0, 0))
+            totals[row.commit] = CommitSummary(seen.episodes + 1, seen.bytes + row.size_bytes)
+        return totals

@@ -24,6 +24,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from receiver.config import PostgresIndexConfig
 from receiver.storage.base import BackendUnavailable, CatalogueState
+from receiver.storage.marks import CommitSummary, Rejection, StaleMark, StaleRefusal
+from receiver.storage.postgresql_marks import PostgresMarks
 from receiver.storage.postgresql_schema import migrate
 from receiver.storage.rows import SCHEMA_VERSION, HostSummary, IndexRow
 
@@ -75,6 +77,7 @@ class PostgresCatalogue:
         self._claims_conn: psycopg.Connection[Any] | None = None
         self._claims_lock = threading.Lock()
         self._held: set[tuple[str, str]] = set()
+        self._marks = PostgresMarks(self._query, config.table)
 
     # -- connections -----------------------------------------------------------------
 
@@ -197,6 +200,31 @@ class PostgresCatalogue:
             )
         except psycopg.OperationalError as error:
             raise _down(error) from error
+
+    def commit_summaries(self) -> dict[str | None, CommitSummary]:
+        query = self._sql(
+            "SELECT commit, count(*) AS episodes, sum(size_bytes) AS bytes FROM {table}"
+            " GROUP BY commit"
+        )
+        return {
+            record["commit"]: CommitSummary(int(record["episodes"]), int(record["bytes"]))
+            for record in self._query(query)
+        }
+
+    def record_rejection(self, rejection: Rejection) -> None:
+        self._marks.record_rejection(rejection)
+
+    def recent_rejections(self, since: float) -> list[Rejection]:
+        return self._marks.recent_rejections(since)
+
+    def record_stale(self, refusal: StaleRefusal) -> None:
+        self._marks.record_stale(refusal)
+
+    def record_accepted(self, host_id: str, at: float) -> None:
+        self._marks.record_accepted(host_id, at)
+
+    def stale_marks(self, since: float) -> dict[str, StaleMark]:
+        return self._marks.stale_marks(since)
 
     def unready_reason(self) -> str | None:
         try:

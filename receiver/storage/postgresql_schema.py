@@ -35,6 +35,22 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX ON {table} (txid, seq)
     """,
+    # Version 2: recent rejections and stale marks, so every receiver's page shows the fleet.
+    """
+    CREATE TABLE {rejections} (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        at double precision NOT NULL, method text NOT NULL, host text NOT NULL,
+        episode text NOT NULL, outcome text NOT NULL, status int NOT NULL,
+        commit text, behind_by int
+    );
+    CREATE INDEX ON {rejections} (at);
+    CREATE TABLE {stale} (
+        host text PRIMARY KEY, at double precision NOT NULL, commit text, reason text NOT NULL,
+        behind_by int, episode text NOT NULL, refusals int NOT NULL,
+        accepted_since double precision
+    );
+    CREATE INDEX ON {stale} (at)
+    """,
 ]
 CURRENT = len(MIGRATIONS)
 
@@ -74,8 +90,13 @@ def migrate(conn: psycopg.Connection[Any], table: str, *, create: bool) -> int:
                 f"table {table} is at schema version {version}, this receiver needs {CURRENT}: "
                 "start a receiver once to upgrade it"
             )
+        names = {
+            "table": sql.Identifier(table),
+            "rejections": sql.Identifier(f"{table}_rejections"),
+            "stale": sql.Identifier(f"{table}_stale"),
+        }
         for step in MIGRATIONS[version:]:
-            conn.execute(sql.SQL(step).format(table=sql.Identifier(table)))
+            conn.execute(sql.SQL(step).format(**names))
         if version < CURRENT:
             conn.execute(
                 sql.SQL(

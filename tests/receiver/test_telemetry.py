@@ -11,7 +11,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from receiver.events import RequestEvent
+from receiver.status_commits import MAX_COMMITS
 from receiver.status_page import human_age, human_bytes, render_status_page
+from receiver.storage import CommitSummary
+from receiver.storage.memory import MemoryCatalogue
 from receiver.storage.rows import IndexRow, summarise_hosts
 from receiver.telemetry import Telemetry, host_label
 
@@ -354,3 +357,58 @@ def test_human_units() -> None:
     assert human_age(3 * 3600) == "3 h ago"
     assert human_age(5 * 86400) == "5 d ago"
     assert human_age(-60).startswith("in the future")
+
+
+def test_page_draws_the_dataset_by_commit_with_behind_by() -> None:
+    commits = {
+        HEAD: CommitSummary(7, 7000),
+        "b" * 40: CommitSummary(3, 300),
+        OLD: CommitSummary(2, 20),
+        None: CommitSummary(1, 1),
+    }
+    text = render_status_page(
+        hosts={},
+        commits=commits,
+        gate_state=GATE,
+        gate_positions={HEAD: 0, "b" * 40: 4}.get,
+        telemetry=Telemetry(),
+        now=NOW,
+        version="9.9.9",
+    )
+    chart = text.split('<svg id="commit-chart"')[1].split("</svg>")[0]
+    bars = re.findall(r'<g class="bar (\w+)" data-commit="(\w*)"', chart)
+    assert bars == [("good", HEAD), ("warn", "b" * 40), ("bad", OLD), ("muted", "")]
+    widths = [int(w) for w in re.findall(r'<rect [^>]*width="(\d+)"', chart)]
+    assert widths[0] > widths[1] > widths[2] > 0  # proportional to episodes
+    table = visible_text(text.split('id="commits"')[1])
+    assert "at head 7" in table and "4 behind 3" in table
+    assert "outside the window 2" in table and "unknown 1" in table
+    assert "<script" not in text and "http://" not in text.replace(
+        'xmlns="http://www.w3.org/2000/svg"', ""
+    )
+
+
+def test_page_sums_commits_past_the_bar_limit() -> None:
+    commits: dict[str | None, CommitSummary] = {
+        f"{n:040x}": CommitSummary(1, 1) for n in range(MAX_COMMITS + 5)
+    }
+    text = render_status_page(
+        hosts={},
+        commits=commits,
+        gate_state=GATE,
+        gate_positions=lambda commit: None,
+        telemetry=Telemetry(),
+        now=NOW,
+        version="9.9.9",
+    )
+    assert text.count('<g class="bar') == MAX_COMMITS
+    assert f"{6} other commits" in text
+
+
+def test_marks_kept_by_a_shared_keeper_are_written_in_the_background() -> None:
+    keeper = MemoryCatalogue()
+    one, two = Telemetry(marks=keeper), Telemetry(marks=keeper)
+    one.request_finished(event("stale-commit", 412, host="lab-03", at=NOW - 60))
+    one.close()
+    assert set(two.stale_hosts(now=NOW)) == {"lab-03"}
+    assert [item["host"] for item in two.recent_rejections(now=NOW)] == ["lab-03"]

@@ -39,6 +39,7 @@ EXPECTED = {
     failpoints.AFTER_FSYNC: AtCrash(False, False, False, True, 201),
     failpoints.AFTER_INSTALL: AtCrash(True, False, False, True, 200),
     failpoints.DURING_INDEX_APPEND: AtCrash(True, False, True, True, 200),
+    failpoints.BEFORE_VIEW_UPDATE: AtCrash(True, True, False, True, 200),
     failpoints.AFTER_INDEX_APPEND: AtCrash(True, True, False, True, 200),
     failpoints.BEFORE_RESPONSE: AtCrash(True, True, False, False, 200),
 }

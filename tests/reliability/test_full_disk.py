@@ -79,6 +79,11 @@ def chunked(body: bytes, size: int = 64 * 1024) -> Iterator[bytes]:
         yield body[start : start + size]
 
 
+def view_bytes(data_dir: Path) -> int:
+    """Disk space held by the index's view (its write-ahead log grows with recorded marks)."""
+    return sum(path.stat().st_blocks * 512 for path in data_dir.glob("index.view.sqlite3*"))
+
+
 def test_uploads_that_do_not_fit_get_507_and_leave_nothing_until_space_returns(
     small_fs: Path, tmp_path: Path, gate_repo: tuple[Path, str]
 ) -> None:
@@ -90,6 +95,7 @@ def test_uploads_that_do_not_fit_get_507_and_leave_nothing_until_space_returns(
         assert receiver.put("h", "small", small, commit).status_code == 201
         acked = {("h", "small"): sha256(small)}
         ballast = fill(small_fs, leave=1 * MiB)
+        view_before = view_bytes(small_fs)
 
         big = episode(commit, size=2 * MiB, seed=2)  # incompressible: 2 MiB on disk
         declared = receiver.put("h", "big", big, commit)  # Content-Length: refused up front
@@ -104,7 +110,8 @@ def test_uploads_that_do_not_fit_get_507_and_leave_nothing_until_space_returns(
         )
         assert streamed.status_code == 507, streamed.text
         assert streamed.json()["error"] == "insufficient-storage"
-        assert free_bytes(small_fs) == 1 * MiB  # the partial temp file is gone
+        # The partial temp file is gone; only the index view's log grew (the rejections).
+        assert free_bytes(small_fs) == 1 * MiB - (view_bytes(small_fs) - view_before)
         check_invariants(small_fs, acked)
 
         ballast.unlink()  # space returns; no restart needed
@@ -243,6 +250,35 @@ def test_index_append_on_a_full_disk_leaves_the_index_byte_identical(
     assert list(small_fs.glob("index.jsonl.torn-*")) == []
 
 
+def test_a_view_update_on_a_full_disk_keeps_the_durable_row_and_catches_up(
+    small_fs: Path,
+) -> None:
+    """The row fits in index.jsonl's last page, the view's log cannot grow: the append
+    stands (the file wins), lookups see it, and the view catches up once there is room."""
+    index = JsonlCatalogue(small_fs / "index.jsonl")
+    index.append_if_absent(new_row("h", "first", "1" * 64, 1, None))
+    row = new_row("h", "on-full", "2" * 64, 2, "a" * 40)
+    fill_index_to(index, room=len(encode_row(row)))
+    ballast = fill(small_fs, leave=0)
+
+    assert index.append_if_absent(row) == (row, True)
+    assert index.view.position().offset < index.path.stat().st_size  # the view is behind
+    assert index.lookup(*row.key) == row
+    assert index.append_if_absent(row) == (row, False)
+
+    ballast.unlink()
+    later = new_row("h", "later", "3" * 64, 3, None)
+    assert index.append_if_absent(later) == (later, True)
+    assert index.view.position().offset == index.path.stat().st_size
+    rows = read_state(small_fs).rows
+    other = JsonlCatalogue(index.path)
+    assert other.count() == len(rows)
+    assert other.lookup(*row.key) == row and other.lookup(*later.key) == later
+    assert other.host_summaries()["h"].episodes == len(rows)
+    index.close()
+    other.close()
+
+
 def _write_then(code: int, real: Callable[[int, bytes], int], line: bytes) -> object:
     def fake_write(fd: int, data: bytes) -> int:
         if bytes(data) != line:
@@ -292,6 +328,8 @@ def test_receiver_killed_while_the_disk_is_full_restarts_and_serves(
         receiver.wait_dead()
         receiver.start()
         assert receiver.put("h", "first", first, commit).status_code == 200
+        # Closing the index's view at restart may hand back its write-ahead log's space.
+        (small_fs / "more-ballast").write_bytes(b"\0" * free_bytes(small_fs))
         refused = receiver.put("h", "second", episode(commit, seed=5), commit)
         assert refused.status_code == 507
         check_invariants(small_fs, {("h", "first"): sha256(first)})

@@ -11,6 +11,7 @@ end of each example episode-verify finds nothing wrong.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -54,6 +55,7 @@ class World:
     # Restarts cost ~0.5 s each: the bounded run allows few per example, the soak more.
     max_crashes: int = 1
     max_restarts: int = 1
+    max_view_losses: int = 1
 
     def count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
@@ -92,6 +94,7 @@ def model_machine(world: World) -> type[RuleBasedStateMachine]:
             self.acked: dict[Key, str] = {}  # the model: acknowledged episodes and their sha256
             self.crashes = 0
             self.restarts = 0
+            self.view_losses = 0
 
         def expected(self, key: Key, sha: str) -> int:
             if key not in self.acked:
@@ -166,11 +169,43 @@ def model_machine(world: World) -> type[RuleBasedStateMachine]:
                 self.receiver.kill()
             self.receiver.start()
 
+        @precondition(lambda self: self.view_losses < world.max_view_losses)
+        @rule(how=st.sampled_from(["deleted", "truncated", "garbage"]), hard=st.booleans())
+        def lose_view(self, how: str, hard: bool) -> None:
+            """The index's view is only derived: losing it between starts loses nothing."""
+            world.count(f"view-{how}")
+            self.view_losses += 1
+            if hard:
+                self.receiver.kill()
+            else:
+                self.receiver.stop()
+            view = self.data / "index.view.sqlite3"
+            for leftover in (Path(f"{view}-wal"), Path(f"{view}-shm")):
+                leftover.unlink(missing_ok=True)
+            if how == "deleted":
+                view.unlink(missing_ok=True)
+            elif how == "truncated" and view.exists():
+                os.truncate(view, view.stat().st_size // 2)
+            else:
+                view.write_bytes(zlib.compress(view.read_bytes() if view.exists() else b"x"))
+            self.receiver.start()
+
         # -- the promise, after every step --------------------------------------------------
 
         @invariant()
         def promise_holds(self) -> None:
             check_invariants(self.data, self.acked)
+
+        @invariant()
+        def lookups_match_the_model(self) -> None:
+            url = self.receiver.url
+            for host in ("a", "b"):
+                for episode_id in ("e1", "e2", "e3"):
+                    answer = httpx.head(f"{url}/episodes/{host}/{episode_id}", timeout=10)
+                    expect = 200 if (host, episode_id) in self.acked else 404
+                    assert answer.status_code == expect, (host, episode_id)
+            rows = httpx.get(f"{url}/healthz", timeout=10).json()["index_rows"]
+            assert rows == len(self.acked)
 
         def teardown(self) -> None:
             try:

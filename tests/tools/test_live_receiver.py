@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 
 from receiver.storage.rows import decode_row
 from tests.conftest import StartReceiver
@@ -30,10 +31,11 @@ def _backfill_process(data: Path) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, timeout=60)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_backfill_beside_a_live_receiver_leaves_one_row_per_tarball(
-    tmp_path: Path, repo: Path, start_receiver: StartReceiver, backfill: Tool
+    workers: int, tmp_path: Path, repo: Path, start_receiver: StartReceiver, backfill: Tool
 ) -> None:
-    receiver = start_receiver(repo)
+    receiver = start_receiver(repo, server={"workers": workers})
     commit = head_commits(repo, 1)[0]
     data = tmp_path / "data"
     incoming = tmp_path / "incoming"
@@ -93,4 +95,9 @@ def test_backfill_beside_a_live_receiver_leaves_one_row_per_tarball(
     assert all(not row.backfilled for row in rows if row.host_id.startswith("up-"))
     assert all(row.backfilled and row.commit == commit for row in rows if row.host_id == "by-hand")
     assert list(data.glob("index.jsonl.torn-*")) == []
+    # Every worker's view has caught up on the others' rows and the backfill's.
+    for _ in range(4 * workers):
+        assert httpx.get(f"{receiver.url}/healthz").json()["index_rows"] == len(stored)
+        for key in sorted(stored)[::7]:
+            assert httpx.head(f"{receiver.url}/episodes/{key[0]}/{key[1]}").status_code == 200
     receiver.stop()
