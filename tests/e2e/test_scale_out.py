@@ -161,6 +161,17 @@ def test_sixteen_clients_upload_fifty_ids_through_nginx_and_straight_to_each_rec
     assert answers.count(201) == len(bodies)  # every id stored once, the rest are retries
     assert_one_row_and_one_object_each(fleet, bodies)
     assert fleet.helpers() == [] and unfinished_uploads(fleet.seaweed, fleet.bucket) == []
+    # Every receiver's page shows the whole fleet: one refusal on one, seen on the other.
+    refused = httpx.put(f"{fleet.receivers[0].url}/episodes/lab-07/old", content=b"x",
+                        headers={"X-Code-Commit": "0" * 40})  # fmt: skip
+    assert refused.status_code == 412
+    deadline = time.monotonic() + 10
+    while "unknown-commit" not in httpx.get(f"{fleet.receivers[1].url}/").text:
+        assert time.monotonic() < deadline, "the other receiver's page never showed it"
+        time.sleep(0.2)
+    card = '<div class="card" id="total-episodes"><div class="label">Episodes</div>'
+    for receiver in fleet.receivers:
+        assert f'{card}<div class="value">50</div>' in httpx.get(f"{receiver.url}/").text
 
 
 def hold_an_upload(receiver: ReceiverProcess, episode: str, commit: str) -> socket.socket:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from receiver.config import PostgresIndexConfig
 from receiver.storage import Catalogue, IndexRow, new_row
 from receiver.storage.jsonl import JsonlCatalogue
+from receiver.storage.marks import KEEP_SECONDS, CommitSummary, Rejection, StaleRefusal
 from receiver.storage.memory import MemoryCatalogue
 from receiver.storage.postgresql import PostgresCatalogue
 
@@ -146,3 +148,33 @@ def test_postgresql_export_order_never_passes_a_row_that_commits_later(
         ]
     finally:
         catalogue.close()
+
+
+def test_rejections_and_stale_marks_are_shared_and_bounded_in_time(
+    open_catalogue: Factory,
+) -> None:
+    mine, theirs = open_catalogue(), open_catalogue()
+    now = time.time()
+    old = Rejection(now - 2 * KEEP_SECONDS, "PUT", "lab-1", "ep-0", "stale-commit", 412, None, 9)
+    mine.record_rejection(old)
+    newer = Rejection(now, "PUT", "lab-1", "ep-1", "unknown-commit", 412, "c" * 40, None)
+    mine.record_rejection(newer)
+    assert theirs.recent_rejections(now - KEEP_SECONDS) == [newer]  # the old one is gone
+    refusal = StaleRefusal("lab-1", now, "c" * 40, "stale-commit", 7, "ep-1")
+    mine.record_stale(refusal)
+    mine.record_stale(StaleRefusal("lab-1", now + 1, "d" * 40, "stale-commit", 8, "ep-2"))
+    theirs.record_accepted("lab-1", now + 2)
+    theirs.record_accepted("lab-2", now + 2)  # no mark: nothing to note
+    marks = mine.stale_marks(now - KEEP_SECONDS)
+    assert list(marks) == ["lab-1"]
+    assert (marks["lab-1"].refusals, marks["lab-1"].commit) == (2, "d" * 40)
+    assert marks["lab-1"].accepted_since == now + 2
+
+
+def test_commit_summaries_sum_episodes_and_bytes_per_commit(open_catalogue: Factory) -> None:
+    catalogue = open_catalogue()
+    for number, commit in enumerate(["a" * 40, "a" * 40, None]):
+        catalogue.append_if_absent(new_row("h", f"e{number}", "0" * 64, 10 + number, commit))
+    summaries = catalogue.commit_summaries()
+    assert summaries["a" * 40] == CommitSummary(2, 21)
+    assert summaries[None] == CommitSummary(1, 12)
