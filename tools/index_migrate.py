@@ -59,7 +59,7 @@ def _migrate_row(source: Storage, target: Storage, row: IndexRow, report: Migrat
 
 def _copy_blob(source: Storage, target: Storage, row: IndexRow) -> BlobWriter:
     """Stream the source's blob into the target, verified, committed (not yet closed)."""
-    writer = target.blobs.open_writer(row.host_id, row.episode_id, row.commit)
+    writer = target.blobs.open_writer(row.host_id, row.episode_id, row.commit, row.sha256)
     try:
         with source.blobs.open_read(*row.key) as handle:
             sha256, size = digest_stream(handle, lambda block: writer.write([block]))

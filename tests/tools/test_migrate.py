@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
 from psycopg.rows import dict_row
 
 from tests.conftest import StartReceiver
+from tests.seaweed import SeaweedServer
+from tests.storage.s3_support import objects, read_object, unfinished_uploads
 from tests.support import PROJECT_ROOT, ReceiverProcess, receiver_config, write_toml
 from tests.tools.conftest import Store
 from tests.tools.test_export import config_for
@@ -104,3 +108,32 @@ def test_export_from_postgresql_gives_back_the_original_index_byte_for_byte(
     result = export(target, out)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes() == store.index.read_bytes()
+
+
+def test_a_jsonl_and_filesystem_store_moves_onto_postgresql_and_s3(
+    store: Store,
+    tmp_path: Path,
+    postgres_dsn: str,
+    seaweedfs: SeaweedServer,
+    s3_storage: dict[str, Any],
+) -> None:
+    source = config_for(store, tmp_path)
+    config = receiver_config(
+        tmp_path / "new",
+        None,
+        index={"type": "postgresql", "dsn": postgres_dsn},
+        storage={**s3_storage, "data_dir": str(tmp_path / "new" / "data")},
+    )
+    config["storage"].pop("min_free_bytes", None)
+    target = write_toml(tmp_path / "new.toml", config)
+    first = migrate(source, target)
+    assert first.returncode == 0, first.stderr
+    stored = objects(seaweedfs, s3_storage["bucket"])
+    for (host, episode), body in store.bodies.items():
+        key = f"episodes/{host}/{episode}.tar.zst"
+        assert read_object(seaweedfs, s3_storage["bucket"], key) == body
+        assert stored[key]["Metadata"]["sha256"] == hashlib.sha256(body).hexdigest()
+    assert sorted(stored) == sorted(f"episodes/{h}/{e}.tar.zst" for h, e in store.bodies)
+    assert unfinished_uploads(seaweedfs, s3_storage["bucket"]) == []
+    assert len(pg_rows(postgres_dsn)) == len(store.bodies)
+    assert "0 blobs copied" in migrate(source, target).stdout
