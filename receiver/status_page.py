@@ -158,6 +158,49 @@ def _gate_cards(gate: dict[str, object]) -> str:
     )
 
 
+def _host_rows(
+    names: list[str],
+    hosts: dict[str, HostSummary],
+    stale: dict[str, dict[str, object]],
+    gate_positions: Callable[[str], int | None],
+    gate_state: dict[str, object],
+    now: float,
+) -> list[str]:
+    rows = []
+    for name in names:
+        summary = hosts.get(name, HostSummary())
+        mark = stale.get(name)
+        seen = _parse_wall(summary.last_seen) if summary.last_seen else None
+        stale_attr = "stale" if mark and mark.get("accepted_since") is None else "ok"
+        rows.append(
+            f'<tr data-host="{_e(name)}" data-state="{stale_attr}">'
+            f'<th scope="row">{_e(name)}</th><td>{_badge(mark, now)}</td>'
+            f'<td class="num">{summary.episodes}</td>'
+            f'<td class="num" title="{summary.bytes} bytes">{_e(human_bytes(summary.bytes))}</td>'
+            f"<td>{_when(seen, now)}</td><td>{_commit(summary.last_commit) if seen else ''}</td>"
+            f"<td>{_behind(summary.last_commit, gate_positions, gate_state) if seen else ''}</td>"
+            "</tr>"
+        )
+    return rows or ['<tr><td colspan="7" class="muted">No episodes received yet.</td></tr>']
+
+
+def _rejection_rows(rejections: list[dict[str, object]], now: float) -> list[str]:
+    rows = []
+    for item in rejections:
+        at = float(item["time"])  # type: ignore[arg-type]
+        behind = item.get("behind_by")
+        rows.append(
+            f'<tr data-reason="{_e(item["outcome"])}">'
+            f"<td>{_when(at, now)}</td><td>{_e(item['host'])}</td><td>{_e(item['episode'])}</td>"
+            f'<td><span class="reason">{_e(item["outcome"])}</span> '
+            f'<small class="muted">{_e(item["method"])} {_e(item["status"])}</small></td>'
+            f"<td>{_commit(item.get('commit'))}"
+            f"{f' <small class=muted>{_e(behind)} behind</small>' if behind is not None else ''}"
+            "</td></tr>"
+        )
+    return rows or ['<tr><td colspan="5" class="muted">No rejections.</td></tr>']
+
+
 def render_status_page(
     *,
     hosts: dict[str, HostSummary],
@@ -173,42 +216,9 @@ def render_status_page(
     total_eps = sum(h.episodes for h in hosts.values())
     total_bytes = sum(h.bytes for h in hosts.values())
     stale_now = sum(1 for m in stale.values() if m.get("accepted_since") is None)
-
-    host_rows = []
-    for name in names:
-        summary = hosts.get(name, HostSummary())
-        mark = stale.get(name)
-        seen = _parse_wall(summary.last_seen) if summary.last_seen else None
-        stale_attr = "stale" if mark and mark.get("accepted_since") is None else "ok"
-        host_rows.append(
-            f'<tr data-host="{_e(name)}" data-state="{stale_attr}">'
-            f'<th scope="row">{_e(name)}</th><td>{_badge(mark, now)}</td>'
-            f'<td class="num">{summary.episodes}</td>'
-            f'<td class="num" title="{summary.bytes} bytes">{_e(human_bytes(summary.bytes))}</td>'
-            f"<td>{_when(seen, now)}</td><td>{_commit(summary.last_commit) if seen else ''}</td>"
-            f"<td>{_behind(summary.last_commit, gate_positions, gate_state) if seen else ''}</td>"
-            "</tr>"
-        )
-    if not host_rows:
-        host_rows.append('<tr><td colspan="7" class="muted">No episodes received yet.</td></tr>')
-
+    host_rows = _host_rows(names, hosts, stale, gate_positions, gate_state, now)
     rejections = telemetry.recent_rejections(now=now)
-    rejection_rows = []
-    for item in rejections:
-        at = float(item["time"])  # type: ignore[arg-type]
-        behind = item.get("behind_by")
-        rejection_rows.append(
-            f'<tr data-reason="{_e(item["outcome"])}">'
-            f"<td>{_when(at, now)}</td><td>{_e(item['host'])}</td><td>{_e(item['episode'])}</td>"
-            f'<td><span class="reason">{_e(item["outcome"])}</span> '
-            f'<small class="muted">{_e(item["method"])} {_e(item["status"])}</small></td>'
-            f"<td>{_commit(item.get('commit'))}"
-            f"{f' <small class=muted>{_e(behind)} behind</small>' if behind is not None else ''}"
-            "</td></tr>"
-        )
-    if not rejection_rows:
-        rejection_rows.append('<tr><td colspan="5" class="muted">No rejections.</td></tr>')
-
+    rejection_rows = _rejection_rows(rejections, now)
     cards = (
         _gate_cards(gate_state)
         + _card("Hosts", str(len(names)), "total-hosts")

@@ -98,6 +98,8 @@ class Telemetry:
         max_stale_hosts: int = 10_000,
         marks: Marks | None = None,
     ) -> None:
+        # Long only because each Prometheus metric is declared here, one block each, with
+        # its help text: splitting them up would scatter what /metrics shows.
         """marks: a shared keeper, written in the background; None: this process's memory."""
         if recent_rejections < 1 or stale_mark_seconds <= 0:
             raise ValueError("recent_rejections must be >= 1 and stale_mark_seconds > 0")
