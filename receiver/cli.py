@@ -16,11 +16,11 @@ from episode_common.config_loading import ConfigError
 from receiver import __version__
 from receiver.config import (
     ReceiverConfig,
-    dev_config,
     ensure_data_dir,
     load_config,
     with_server_overrides,
 )
+from receiver.dev_config import dev_config
 
 PROG = "episode-receiver"
 

@@ -17,10 +17,10 @@ from receiver.config import (
     DEFAULT_REMEDIATION,
     DEFAULT_REMEDIATION_UNKNOWN,
     GiB,
-    dev_config,
     ensure_data_dir,
     load_config,
 )
+from receiver.dev_config import dev_config
 from shipper.config import load_config as load_shipper_config
 from tests.support import PROJECT_ROOT, add_commit, git, give_to_another_user, head_commits
 
