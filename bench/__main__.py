@@ -18,7 +18,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import figures_ops, figures_postgres, figures_upload, figures_view
+from bench import (
+    figures_fleet,
+    figures_ops,
+    figures_postgres,
+    figures_s3,
+    figures_upload,
+    figures_view,
+)
 from bench.receivers import Bench, compile_bytecode
 from bench.report import Figure, print_figure, summary_lines
 from bench.sizes import QUICK, Sizes
@@ -36,6 +43,8 @@ GROUPS: list[tuple[tuple[str, ...], Measure]] = [
     (("verify",), figures_ops.verify),
     (("view-build", "view-open", "view-lookup", "view-status"), figures_view.view_figures),
     (("pg-small", "pg-rows"), figures_postgres.postgres),
+    (("s3-upload", "s3-concurrent", "s3-rss"), figures_s3.s3_figures),
+    (("fleet",), figures_fleet.fleet),
 ]
 FIGURES = [key for keys, _ in GROUPS for key in keys]
 

@@ -22,6 +22,12 @@ class Sizes:
     pack_mib: int = 1024
     verify_mib: int = 4096
     verify_file_mib: int = 256
+    # The s3 backend (SeaweedFS) and the fleet (two receivers behind nginx): part size,
+    # each of the 8 concurrent uploads, each of the 8 uploads whose RSS is measured.
+    s3_part_mib: int = 16
+    s3_concurrent_mib: int = 256
+    s3_rss_mib: int = 1024
+    fleet_mib: int = 256
     # Figures to run (all when empty).
     only: frozenset[str] = field(default_factory=frozenset)
 
@@ -37,4 +43,8 @@ QUICK = Sizes(
     pack_mib=4,
     verify_mib=8,
     verify_file_mib=2,
+    s3_part_mib=5,
+    s3_concurrent_mib=6,
+    s3_rss_mib=6,
+    fleet_mib=6,
 )
