@@ -18,7 +18,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import figures_ops, figures_postgres, figures_upload, figures_view
+from bench import (
+    figures_ops,
+    figures_postgres,
+    figures_upload,
+    figures_view,
+    figures_view_receiver,
+    figures_wrk,
+)
 from bench.receivers import Bench, compile_bytecode
 from bench.report import Figure, print_figure, summary_lines
 from bench.sizes import QUICK, Sizes
@@ -31,10 +38,12 @@ GROUPS: list[tuple[tuple[str, ...], Measure]] = [
     (("concurrent",), figures_upload.concurrent_uploads),
     (("rss",), figures_upload.peak_rss),
     (("small", "gate"), figures_ops.small_uploads),
+    (("small-wrk",), figures_wrk.small_uploads_wrk),
     (("cold-start",), figures_ops.cold_start),
     (("pack",), figures_ops.pack),
     (("verify",), figures_ops.verify),
     (("view-build", "view-open", "view-lookup", "view-status"), figures_view.view_figures),
+    (("view-ready", "view-rss", "view-head"), figures_view_receiver.receiver_view_figures),
     (("pg-small", "pg-rows"), figures_postgres.postgres),
 ]
 FIGURES = [key for keys, _ in GROUPS for key in keys]
