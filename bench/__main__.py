@@ -25,6 +25,8 @@ from bench import (
     figures_s3,
     figures_upload,
     figures_view,
+    figures_view_receiver,
+    figures_wrk,
 )
 from bench.receivers import Bench, compile_bytecode
 from bench.report import Figure, print_figure, summary_lines
@@ -38,10 +40,12 @@ GROUPS: list[tuple[tuple[str, ...], Measure]] = [
     (("concurrent",), figures_upload.concurrent_uploads),
     (("rss",), figures_upload.peak_rss),
     (("small", "gate"), figures_ops.small_uploads),
+    (("small-wrk",), figures_wrk.small_uploads_wrk),
     (("cold-start",), figures_ops.cold_start),
     (("pack",), figures_ops.pack),
     (("verify",), figures_ops.verify),
     (("view-build", "view-open", "view-lookup", "view-status"), figures_view.view_figures),
+    (("view-ready", "view-rss", "view-head"), figures_view_receiver.receiver_view_figures),
     (("pg-small", "pg-rows"), figures_postgres.postgres),
     (("s3-upload", "s3-concurrent", "s3-rss"), figures_s3.s3_figures),
     (("fleet",), figures_fleet.fleet),

@@ -19,6 +19,7 @@ class Sizes:
     gate_refresh_seconds: float = 1.0
     index_rows: int = 1_000_000
     view_rows: int = 10_000_000
+    view_uploads: int = 1000  # uploads before the view-rss figure is read
     pack_mib: int = 1024
     verify_mib: int = 4096
     verify_file_mib: int = 256
@@ -40,6 +41,7 @@ QUICK = Sizes(
     gate_refresh_seconds=0.25,
     index_rows=2000,
     view_rows=5000,
+    view_uploads=40,
     pack_mib=4,
     verify_mib=8,
     verify_file_mib=2,

@@ -2,7 +2,9 @@
 
 Re-hashes every tarball in a bounded thread pool (hashlib and read() release the GIL; one
 block per thread in memory) and reports missing, orphaned, mismatched, duplicate, bad and
-torn rows. It writes nothing and takes no write lock: safe beside a live receiver.
+torn rows. It writes nothing and takes no write lock: safe beside a live receiver. The
+index is streamed once into a private, temporary view (receiver.storage.IndexAudit), so
+memory does not grow with the rows; the listing of stored blobs still holds every blob.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from episode_common.cli_support import fail
-from receiver.storage import NumberedRow, StoredBlob, digest_stream, read_index_snapshot
+from receiver.storage import IndexAudit, NumberedRow, StoredBlob, digest_stream
 from tools import cli_common
 from tools.progress import Progress
 from tools.scan import Cancelled, bounded_map
@@ -24,8 +26,6 @@ from tools.verify_report import Mismatch, VerifyReport
 PROG = "episode-verify"
 DESCRIPTION = "Audit the store against the index: re-hash every tarball, check every row."
 EPILOG = "Exit status: 0 clean, 1 problems found, 2 bad usage or configuration."
-
-RowsByKey = dict[tuple[str, str], list[NumberedRow]]
 
 
 @dataclass(frozen=True)
@@ -56,33 +56,36 @@ class Verifier:
         started = time.monotonic()
         report = VerifyReport(quick=self.quick)
         # The index is read before the walk: a file is linked before its row is appended, so
-        # every row read here has its file by now unless the file is really gone.
-        snapshot = read_index_snapshot(self.location.index_path)
-        rows = snapshot.by_key(host)
-        listing = self.location.storage.blobs.list_blobs(host)
-        tarballs, report.stray = listing.blobs, listing.strays
-        report.rows = sum(map(len, rows.values()))
-        report.files = len(tarballs)
-        report.bad_lines, report.torn_tail = snapshot.bad_lines, snapshot.torn_tail
-        report.duplicates = [numbered for numbered in rows.values() if len(numbered) > 1]
-        on_disk = {tarball.key for tarball in tarballs}
-        report.missing = [numbered[0] for key, numbered in rows.items() if key not in on_disk]
-        unindexed: list[tuple[StoredBlob, FileCheck]] = []
-        for tarball, check in self._check_all(tarballs, report):
-            if tarball.key in rows:
-                self._compare(tarball, rows[tarball.key][0], check, report)
-            else:
-                unindexed.append((tarball, check))
-        if unindexed:
-            # A receiver may have just linked a file and not yet appended its row: look again.
-            later = read_index_snapshot(self.location.index_path).by_key(host)
-            for tarball, check in unindexed:
-                if tarball.key in later:
-                    self._compare(tarball, later[tarball.key][0], check, report)
-                elif check.error is not None:
-                    report.unreadable.append((tarball, check.error))
+        # every row read here has its file by now unless the file is really gone. The pass
+        # keeps no rows: a private view answers lookups (memory flat in the rows).
+        with IndexAudit(self.location.index_path, host) as audit:
+            listing = self.location.storage.blobs.list_blobs(host)
+            tarballs, report.stray = listing.blobs, listing.strays
+            report.rows = audit.rows
+            report.files = len(tarballs)
+            report.bad_lines, report.torn_tail = audit.bad_lines, audit.torn_tail
+            report.duplicates = audit.duplicates()
+            on_disk = {tarball.key for tarball in tarballs}
+            report.missing = list(audit.rows_not_in(on_disk))
+            del on_disk
+            unindexed: list[tuple[StoredBlob, FileCheck]] = []
+            for tarball, check in self._check_all(tarballs, report):
+                numbered = audit.lookup(tarball.key)
+                if numbered is not None:
+                    self._compare(tarball, numbered, check, report)
                 else:
-                    report.orphaned.append(tarball)
+                    unindexed.append((tarball, check))
+            if unindexed:
+                # A receiver may have just linked a file and not yet appended its row.
+                audit.catch_up()
+                for tarball, check in unindexed:
+                    numbered = audit.lookup(tarball.key)
+                    if numbered is not None:
+                        self._compare(tarball, numbered, check, report)
+                    elif check.error is not None:
+                        report.unreadable.append((tarball, check.error))
+                    else:
+                        report.orphaned.append(tarball)
         report.seconds = time.monotonic() - started
         report.sort()
         return report

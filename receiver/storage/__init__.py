@@ -32,6 +32,7 @@ from receiver.storage.hashing import digest_stream
 from receiver.storage.jsonl import JsonlCatalogue
 from receiver.storage.jsonl_audit import (
     BadLine,
+    IndexAudit,
     IndexSnapshot,
     NumberedRow,
     TornTail,
@@ -45,6 +46,7 @@ __all__ = [
     "INDEX_NAME",
     "BackendUnavailable",
     "BadLine",
+    "IndexAudit",
     "IndexSnapshot",
     "NumberedRow",
     "TornTail",

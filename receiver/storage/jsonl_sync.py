@@ -7,19 +7,22 @@ chunk is committed with the position it reached.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from receiver.storage.jsonl_file import batches, end_of_last_complete_line
-from receiver.storage.jsonl_view import Position, ViewDatabase, is_corrupt
+from receiver.storage.jsonl_view import Batch, Position, ViewDatabase, is_corrupt
 
 log = logging.getLogger(__name__)
 
 PROGRESS_SECONDS = 5.0
 BIG_CATCH_UP = 64 << 20  # bytes: past this, relaxed durability and a bigger cache for the build
+BIG_BATCHES = 8  # chunks (of CHUNK_BYTES) per transaction in a big build
 
 
 def sync_view(db: ViewDatabase, index_path: Path, *, strict: bool) -> Position:
@@ -86,16 +89,38 @@ def _catch_up(
         conn.execute("PRAGMA synchronous=OFF")
         conn.execute("PRAGMA cache_size=-65536")
     progress = _Progress(position.offset, end, position.rows, big)
+    # A big build commits every BIG_BATCHES chunks: each commit writes every page the chunk
+    # touched to the log (one per host at least), so fewer commits write less. It stays
+    # resumable: each commit holds the position its last chunk reached.
+    per_commit = BIG_BATCHES if big else 1
+    collecting = gc.isenabled() and big
+    if collecting:
+        gc.disable()  # the chunks' rows and tuples hold no cycles; scanning them is waste
     try:
-        for batch in batches(fd, position.offset, end, position.lines, strict=strict, path=path):
+        chunks = batches(fd, position.offset, end, position.lines, strict=strict, path=path)
+        for group in _grouped(chunks, per_commit):
             with db.write() as conn:
-                added = db.apply(conn, batch, stat)
-            progress.step(batch.end, added)
+                for batch in group:
+                    added = db.apply(conn, batch, stat)
+                    progress.step(batch.end, added)
     finally:
+        if collecting:
+            gc.enable()
         if big:
             conn.execute("PRAGMA synchronous=NORMAL")
             db.close()  # the build's page cache goes with its connection
     progress.done()
+
+
+def _grouped(chunks: Iterator[Batch], size: int) -> Iterator[list[Batch]]:
+    group: list[Batch] = []
+    for chunk in chunks:
+        group.append(chunk)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 class _Progress:

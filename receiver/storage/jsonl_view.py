@@ -295,21 +295,36 @@ def _refuse_truncated(path: Path) -> None:
 
 
 def _add_totals(conn: sqlite3.Connection, rows: list[IndexRow]) -> None:
-    """Fold rows into the per-host and per-commit totals (one upsert per host and commit)."""
-    hosts: dict[str, list[object]] = {}
-    commits: dict[str, list[int]] = {}
+    """Fold rows into the per-host and per-commit totals (one upsert per host and commit).
+
+    Per row only dict lookups and additions (this runs for every row of a build)."""
+    episodes: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    latest: dict[str, tuple[str, str | None]] = {}
+    commit_episodes: dict[str, int] = {}
+    commit_sizes: dict[str, int] = {}
     for row in rows:
-        host = hosts.get(row.host_id)
-        if host is None:
-            host = hosts[row.host_id] = [row.host_id, 0, 0, "", None]
-        host[1] += 1  # type: ignore[operator]
-        host[2] += row.size_bytes  # type: ignore[operator]
-        if row.received_at_wall >= host[3]:  # type: ignore[operator]
-            host[3], host[4] = row.received_at_wall, row.commit
-        commit = commits.get(row.commit or "")
-        if commit is None:
-            commit = commits[row.commit or ""] = [0, 0]
-        commit[0] += 1
-        commit[1] += row.size_bytes
-    conn.executemany(_HOST_UPSERT, hosts.values())
-    conn.executemany(_COMMIT_UPSERT, ((c, n, b) for c, (n, b) in commits.items()))
+        host, size, commit = row.host_id, row.size_bytes, row.commit or ""
+        if host in episodes:
+            episodes[host] += 1
+            sizes[host] += size
+            if row.received_at_wall >= latest[host][0]:
+                latest[host] = (row.received_at_wall, row.commit)
+        else:
+            episodes[host] = 1
+            sizes[host] = size
+            latest[host] = (row.received_at_wall, row.commit)
+        if commit in commit_episodes:
+            commit_episodes[commit] += 1
+            commit_sizes[commit] += size
+        else:
+            commit_episodes[commit] = 1
+            commit_sizes[commit] = size
+    conn.executemany(
+        _HOST_UPSERT,
+        ((host, count, sizes[host], *latest[host]) for host, count in episodes.items()),
+    )
+    conn.executemany(
+        _COMMIT_UPSERT,
+        ((commit, count, commit_sizes[commit]) for commit, count in commit_episodes.items()),
+    )

@@ -14,8 +14,8 @@ from pathlib import Path
 from bench.__main__ import FIGURES
 from tests.support import PROJECT_ROOT
 
-# Figures whose tool (nginx, the zstd CLI, openssl) may be missing on a test machine.
-MAY_BE_UNAVAILABLE = {"nginx", "pack", "verify"}
+# Figures whose tool (nginx, the zstd CLI, openssl, wrk) may be missing on a test machine.
+MAY_BE_UNAVAILABLE = {"nginx", "pack", "verify", "small-wrk"}
 RATIO = r"ratio \S+ / \S+ / \S+ \|"
 
 

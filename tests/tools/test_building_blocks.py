@@ -7,12 +7,13 @@ import io
 import os
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from receiver.storage import digest_stream, read_index_snapshot
+from receiver.storage import IndexAudit, digest_stream, read_index_snapshot
 from receiver.storage.filesystem import FilesystemStore
 from receiver.storage.jsonl import JsonlCatalogue
 from receiver.storage.jsonl_audit import MAX_LINE
@@ -119,6 +120,63 @@ def test_index_snapshot_reports_an_overlong_line_without_keeping_it(tmp_path: Pa
     assert "longer than" in snapshot.bad_lines[0].error
     assert [numbered.line for numbered in snapshot.rows] == [1, 3]
     assert snapshot.torn_tail is None and snapshot.size == index.stat().st_size
+
+
+def test_index_audit_reports_as_the_snapshot_does(tmp_path: Path) -> None:
+    index = tmp_path / "index.jsonl"
+    rows = [encode_row(new_row(f"h{n % 3}", f"e{n}", "a" * 64, n, None)) for n in range(50)]
+    other = encode_row(new_row("h1", "e1", "b" * 64, 7, None))
+    overlong = b"x" * (MAX_LINE * 2) + b"\n"
+    index.write_bytes(b"".join(rows[:20]) + b"not json\n" + overlong + b"".join(rows[20:]) + other
+                      + rows[4] + b'{"torn')  # fmt: skip
+    snapshot = read_index_snapshot(index)
+    with IndexAudit(index) as audit:
+        assert audit.rows == len(snapshot.rows) == 52
+        assert audit.bad_lines == snapshot.bad_lines and audit.torn_tail == snapshot.torn_tail
+        grouped = snapshot.by_key()
+        assert sorted(audit.duplicates(), key=lambda g: g[0].row.key) == sorted(
+            (group for group in grouped.values() if len(group) > 1), key=lambda g: g[0].row.key
+        )
+        assert audit.lookup(("h1", "e1")) == grouped[("h1", "e1")][0]
+        assert audit.lookup(("h9", "e1")) is None
+        kept = {key for n, key in enumerate(grouped) if n % 2}
+        assert list(audit.rows_not_in(kept)) == sorted(
+            (group[0] for key, group in grouped.items() if key not in kept),
+            key=lambda numbered: numbered.row.key,
+        )
+        with index.open("ab") as handle:  # the torn row completed, then one more
+            handle.write(b"\n" + encode_row(new_row("h5", "late", "c" * 64, 1, None)))
+        assert audit.lookup(("h5", "late")) is None
+        audit.catch_up()
+        late = audit.lookup(("h5", "late"))
+        assert late is not None and late.line == 56 and late.row.sha256 == "c" * 64
+    with IndexAudit(index, host="h1") as only_h1:
+        duplicated = {group[0].row.key for group in only_h1.duplicates()}
+        assert only_h1.rows == 19 and duplicated == {("h1", "e1"), ("h1", "e4")}
+    with IndexAudit(tmp_path / "absent.jsonl") as empty:
+        assert empty.rows == 0 and empty.duplicates() == [] and empty.lookup(("h", "e")) is None
+
+
+def test_index_audit_memory_does_not_grow_with_the_rows(tmp_path: Path) -> None:
+    index = tmp_path / "index.jsonl"
+    with index.open("wb") as handle:
+        for start in range(0, 100_000, 10_000):
+            handle.write(
+                b"".join(
+                    encode_row(new_row(f"h{n % 100}", f"e{n}", "a" * 64, n, None))
+                    for n in range(start, start + 10_000)
+                )
+            )
+    tracemalloc.start()
+    try:
+        with IndexAudit(index) as audit:
+            assert audit.rows == 100_000 and audit.lookup(("h7", "e99907")) is not None
+            assert sum(1 for _ in audit.rows_not_in(set())) == 100_000
+            _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The rows as objects (read_index_snapshot) take tens of MiB here; the audit a chunk.
+    assert peak < 8 << 20, peak
 
 
 def test_index_torn_tail_bytes_measures_without_cutting(tmp_path: Path) -> None:
