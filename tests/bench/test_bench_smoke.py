@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.__main__ import FIGURES
 from tests.support import PROJECT_ROOT
 
@@ -19,13 +21,16 @@ MAY_BE_UNAVAILABLE = {"nginx", "pack", "verify", "small-wrk"}
 RATIO = r"ratio \S+ / \S+ / \S+ \|"
 
 
+# Every figure in --quick sizes starts real servers (receivers, SeaweedFS, PostgreSQL,
+# nginx): about a minute on a quiet 2-core machine, so allow it room.
+@pytest.mark.timeout(360)
 def test_quick_bench_prints_every_figure_with_a_ratio(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--dir", str(tmp_path)],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
-        timeout=100,
+        timeout=300,
         check=False,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
