@@ -94,7 +94,7 @@ class BackfillReport:
         return {
             "dry_run": self.dry_run,
             "episodes_root": str(location.episodes_root),
-            "index": str(location.index_path),
+            "index": location.catalogue_name,
             "summary": self.summary(),
             "added": [_row_json(row) for row in self.added],
             "would_add": [_row_json(row) for row in self.would_add],

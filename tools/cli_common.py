@@ -18,7 +18,13 @@ import msgspec
 from episode_common.cli_support import fail
 from episode_common.config_loading import ConfigError
 from episode_common.wire import ID_RULE, is_valid_id
-from receiver.config import FilesystemStorageConfig, StorageConfig, ensure_data_dir, load_config
+from receiver.config import (
+    FilesystemStorageConfig,
+    JsonlIndexConfig,
+    StorageConfig,
+    ensure_data_dir,
+    load_config,
+)
 from receiver.storage import INDEX_NAME, Storage, open_storage, open_storage_at
 
 EXIT_PROBLEMS = 1
@@ -39,8 +45,12 @@ class StoreLocation:
 
     storage: Storage
     episodes_root: Path  # for messages and reports
-    index_path: Path
+    index_path: Path | None  # None: the catalogue is a database, not a file
     config: StorageConfig
+
+    @property
+    def catalogue_name(self) -> str:
+        return str(self.index_path) if self.index_path is not None else "the database catalogue"
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +84,8 @@ def from_config(prog: str, config_path: Path, *, create: bool = False) -> StoreL
     _require_dir(prog, config.storage.data_dir, "data directory")
     storage = open_storage(config)
     layout = storage.layout
-    return StoreLocation(storage, layout.episodes_dir, layout.index_path, config.storage)
+    index = layout.index_path if isinstance(config.index, JsonlIndexConfig) else None
+    return StoreLocation(storage, layout.episodes_dir, index, config.storage)
 
 
 def from_data_dir(prog: str, data_dir: Path) -> StoreLocation:

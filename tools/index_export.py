@@ -188,7 +188,8 @@ def _run_export(config: Path, out_arg: Path) -> int:
     out = out_arg.absolute()
     if not out.parent.is_dir():
         fail(PROG, f"the directory of {out} does not exist")
-    if out.exists() and out.resolve() == location.index_path.resolve():
+    index = location.index_path
+    if out.exists() and index is not None and out.resolve() == index.resolve():
         fail(PROG, f"{out} is the catalogue's own index; export to another file")
     setup_logging("WARNING")
     with _only_run(out):

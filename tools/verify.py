@@ -19,6 +19,7 @@ from pathlib import Path
 from episode_common.cli_support import fail
 from receiver.storage import IndexAudit, NumberedRow, StoredBlob, digest_stream
 from tools import cli_common
+from tools.catalogue_audit import CatalogueAudit
 from tools.progress import Progress
 from tools.scan import Cancelled, bounded_map
 from tools.verify_report import Mismatch, VerifyReport
@@ -58,7 +59,7 @@ class Verifier:
         # The index is read before the walk: a file is linked before its row is appended, so
         # every row read here has its file by now unless the file is really gone. The pass
         # keeps no rows: a private view answers lookups (memory flat in the rows).
-        with IndexAudit(self.location.index_path, host) as audit:
+        with self._audit(host) as audit:
             listing = self.location.storage.blobs.list_blobs(host)
             tarballs, report.stray = listing.blobs, listing.strays
             report.rows = audit.rows
@@ -89,6 +90,14 @@ class Verifier:
         report.seconds = time.monotonic() - started
         report.sort()
         return report
+
+    def _audit(self, host: str | None) -> IndexAudit | CatalogueAudit:
+        """index.jsonl's line-level audit, or a database catalogue's rows."""
+        if self.location.index_path is not None:
+            return IndexAudit(self.location.index_path, host)
+        catalogue = self.location.storage.catalogue
+        catalogue.open()
+        return CatalogueAudit(catalogue, host)
 
     def _check_all(
         self, tarballs: list[StoredBlob], report: VerifyReport

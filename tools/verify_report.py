@@ -76,7 +76,7 @@ class VerifyReport:
         torn = self.torn_tail
         return {
             "episodes_root": str(location.episodes_root),
-            "index": str(location.index_path),
+            "index": location.catalogue_name,
             "host": host,
             "quick": self.quick,
             "summary": self.summary(),

@@ -8,7 +8,10 @@ of one bare upstream repository that its gate fetches.
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +30,7 @@ from tests.shipper.conftest import write_episode
 from tests.shipper.processes import shipper_cli, shipper_config
 from tests.storage.s3_support import objects, unfinished_uploads
 from tests.support import (
+    PROJECT_ROOT,
     ReceiverProcess,
     add_commit,
     git,
@@ -284,3 +288,30 @@ def _loads(line: str) -> dict[str, Any]:
 
     value: dict[str, Any] = json.loads(line)
     return value
+
+
+def test_verify_and_backfill_work_on_the_shared_backends(fleet: Fleet) -> None:
+    bodies = {f"ep-{n}": make_tarball(fleet.commit) for n in range(5)}
+    for name, body in bodies.items():
+        assert put_until_stored(fleet.nginx.url, name, body, fleet.commit)[-1] == 201
+    config = fleet.receivers[0].config_path
+
+    def tool(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", module, "--config", str(config), *args]
+        return subprocess.run(
+            command, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120
+        )
+
+    clean = tool("tools.verify", "--json")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    with psycopg.connect(fleet.dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM episodes WHERE episode_id = 'ep-3'")  # a lost row
+    lost = tool("tools.verify", "--json")
+    assert lost.returncode == 1
+    assert [t["episode_id"] for t in json.loads(lost.stdout)["orphaned"]] == ["ep-3"]
+    repaired = tool("tools.index_backfill")
+    assert repaired.returncode == 0, repaired.stderr
+    assert "added lab-07/ep-3" in repaired.stdout
+    [row] = [r for r in fleet.rows() if r["episode_id"] == "ep-3"]
+    assert row["backfilled"] is True and row["commit"] == fleet.commit
+    assert tool("tools.verify").returncode == 0
