@@ -45,7 +45,10 @@ function response(status, headers, answer)
   answered = answered + 1
   if status ~= 201 then
     bad = bad + 1
-    if first_bad == "" then first_bad = status .. " " .. string.sub(answer, 1, 200) end
+    if first_bad == "" then
+      first_bad = status .. " " .. string.sub(answer, 1, 200)
+      io.write("BAD " .. first_bad .. "\n")
+    end
   end
   if answered == wanted then
     wrk.thread:stop()
@@ -53,11 +56,13 @@ function response(status, headers, answer)
   end
 end
 function done(summary, latency, requests)
+  local e = summary.errors
   io.write(string.format(
-    'WRK {"requests": %d, "duration_us": %d, "p99_us": %d, "errors": %d}\n',
+    'WRK {"requests": %d, "duration_us": %d, "p99_us": %d, "errors": %d, "connect": %d,'
+    .. ' "read": %d, "write": %d, "status": %d, "timeout": %d}\n',
     summary.requests, summary.duration, latency:percentile(99.0),
-    summary.errors.connect + summary.errors.read + summary.errors.write
-      + summary.errors.status + summary.errors.timeout))
+    e.connect + e.read + e.write + e.status + e.timeout,
+    e.connect, e.read, e.write, e.status, e.timeout))
 end
 """
 # Per-thread counters are not visible in done(); a non-201 shows as errors.status there.
@@ -69,7 +74,17 @@ def _wrk(
     """Run wrk until count answers; its summary (requests, duration, p99, errors)."""
     marker = script.with_name("answered")
     marker.unlink(missing_ok=True)
-    command = [wrk, "-t1", f"-c{clients}", "-d600s", "--latency", "-s", str(script)]
+    command = [
+        wrk,
+        "-t1",
+        f"-c{clients}",
+        "-d600s",
+        "--timeout",
+        "60s",
+        "--latency",
+        "-s",
+        str(script),
+    ]
     command += [f"http://127.0.0.1:{port}/", "--", str(count), *args, str(marker)]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         deadline = time.monotonic() + 600
@@ -88,7 +103,8 @@ def _wrk(
         raise RuntimeError(f"wrk printed no summary (exit {proc.returncode}): {output[-600:]}")
     summary: dict[str, int] = json.loads(lines[-1][4:])
     if summary["errors"]:
-        raise RuntimeError(f"wrk: {summary['errors']} requests failed or did not answer 201")
+        bad = [line for line in output.splitlines() if line.startswith("BAD ")]
+        raise RuntimeError(f"wrk: requests failed or did not answer 201: {summary} {bad[:1]}")
     return summary
 
 
