@@ -72,7 +72,6 @@ class SeaweedServer:
             "dir": data,
             "ip": "127.0.0.1",
             "ip.bind": "127.0.0.1",
-            "master.telemetry": "false",
             "s3.config": identities,
             "webdav": "false",
             "admin.ui": "false",
@@ -84,7 +83,15 @@ class SeaweedServer:
             port = getattr(self, name)
             flags[f"{name}.port"] = port
             flags[f"{name}.port.grpc"] = port + GRPC_OFFSET
-        return [weed_binary(), "mini", *(f"-{key}={value}" for key, value in flags.items())]
+        # Spelled out, not built: by default the master reports statistics to an outside
+        # server, and nothing a test starts may send traffic off this machine.
+        no_telemetry = "-master.telemetry=false"
+        return [
+            weed_binary(),
+            "mini",
+            no_telemetry,
+            *(f"-{key}={value}" for key, value in flags.items()),
+        ]
 
     def start(self, timeout: float = 30.0) -> SeaweedServer:
         self.root.mkdir(parents=True, exist_ok=True)
