@@ -39,8 +39,11 @@ from shipper.pack import pack_directory
 from tests.support import PROJECT_ROOT
 
 
-def _load(port: int, count: int, clients: int, run: int, body: bytes, commit: str) -> list[float]:
-    """`clients` keep-alive connections, `count` PUTs in all; returns the latencies."""
+def put_load(
+    port: int, count: int, clients: int, tag: str, body: bytes, commit: str, host: str = "host"
+) -> list[float]:
+    """`clients` keep-alive connections (each its own host id), `count` PUTs of fresh ids in
+    all, every one checked to answer 201; returns the latencies."""
     latencies: list[float] = []
     lock = threading.Lock()
 
@@ -50,7 +53,7 @@ def _load(port: int, count: int, clients: int, run: int, body: bytes, commit: st
         try:
             for item in range(number, count, clients):
                 started = time.perf_counter()
-                target = f"/episodes/host-{number:02d}/r{run}-{item:06d}"
+                target = f"/episodes/{host}-{number:02d}/{tag}-{item:06d}"
                 status, answer = connection.put(target, body, {"X-Code-Commit": commit})
                 if status != 201:
                     raise RuntimeError(f"PUT {target} answered {status}: {answer[:200]!r}")
@@ -111,7 +114,7 @@ def small_uploads(bench: Bench) -> list[Figure]:
             before = len(log.read_text().splitlines())
             cpu_before = cpu_seconds(pids)
             started = time.perf_counter()
-            latencies = _load(process.port, count, clients, run, body, bench.commit)
+            latencies = put_load(process.port, count, clients, f"r{run}", body, bench.commit)
             elapsed = time.perf_counter() - started
             cpu.append((cpu_seconds(pids) - cpu_before) / count * 1e3)
             git_runs = len(log.read_text().splitlines()) - before

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from bench.figures_ops import _load
+from bench.figures_ops import put_load
 from bench.receivers import Bench, in_threads, receiver
 from bench.report import Figure, Target, at_least
 from bench.workload import write_episode_tarball
@@ -76,7 +76,7 @@ def _small_uploads(bench: Bench, server: PostgresServer, figure: Figure) -> None
 
 def _rate(port: int, count: int, clients: int, run: int, body: bytes, bench: Bench) -> float:
     started = time.perf_counter()
-    _load(port, count, clients, run, body, bench.commit)
+    put_load(port, count, clients, f"r{run}", body, bench.commit)
     return count / (time.perf_counter() - started)
 
 

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from bench.baselines import p99
-from bench.client import HttpError, KeepAlive, get
+from bench.client import HttpError, get
+from bench.figures_ops import put_load
 from bench.figures_view import HOSTS, write_rows
-from bench.receivers import Bench, in_threads, processes, receiver
+from bench.receivers import Bench, processes, receiver
 from bench.report import Figure, Target, median, spread
 from bench.workload import write_episode_tarball
 from receiver.storage import DataDirLayout
@@ -51,34 +51,6 @@ def _prepare(home: Path, rows: int, samples: int) -> tuple[Path, float, list[tup
     built = time.perf_counter() - began
     catalogue.close()
     return layout.data_dir, built, keys
-
-
-def upload_load(
-    port: int, count: int, clients: int, tag: str, body: bytes, commit: str
-) -> list[float]:
-    """`clients` keep-alive connections (each its own host id), `count` PUTs of fresh ids in
-    all, every one checked to answer 201; returns the latencies."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-
-    def client(number: int) -> None:
-        mine: list[float] = []
-        connection = KeepAlive(port)
-        try:
-            for item in range(number, count, clients):
-                began = time.perf_counter()
-                target = f"/episodes/up-{number:02d}/{tag}-{item:06d}"
-                status, answer = connection.put(target, body, {"X-Code-Commit": commit})
-                if status != 201:
-                    raise HttpError(f"PUT {target} answered {status}: {answer[:200]!r}")
-                mine.append(time.perf_counter() - began)
-        finally:
-            connection.close()
-            with lock:
-                latencies.extend(mine)
-
-    in_threads(client, clients)
-    return latencies
 
 
 def _rss_mib(pid: int) -> float:
@@ -184,7 +156,7 @@ def receiver_view_figures(bench: Bench) -> list[Figure]:
             with _started(bench, f"view-receiver/{name}") as (port, pid, seconds):
                 after_start[name].append(_worker_rss(pid))
                 latency = _head_p99(port, keys)
-                upload_load(port, uploads, UPLOAD_CLIENTS, f"v{run}", body, bench.commit)
+                put_load(port, uploads, UPLOAD_CLIENTS, f"v{run}", body, bench.commit, host="up")
                 measured[name] = (seconds, _worker_rss(pid), latency)
         ready.add(measured["big"][0], measured["small"][0])
         rss.add(measured["big"][1], measured["small"][1])

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from bench.baselines import Unavailable, need, small_file_loop
-from bench.figures_view_receiver import upload_load
+from bench.figures_ops import put_load
 from bench.receivers import Bench, receiver
 from bench.report import Figure, at_least, spread
 from bench.workload import write_episode_tarball
@@ -148,7 +148,7 @@ def small_uploads_wrk(bench: Bench) -> list[Figure]:
             wrk_p99.append(summary["p99_us"] / 1e3)
             body = src.read_bytes()
             began = time.perf_counter()
-            upload_load(process.port, count, clients, f"p{run}", body, bench.commit)
+            put_load(process.port, count, clients, f"p{run}", body, bench.commit, host="up")
             python_rates.append(count / (time.perf_counter() - began))
     figure.notes.append(f"body {size} bytes; wrk p99 {spread(wrk_p99)} ms")
     figure.notes.append(
