@@ -1,5 +1,7 @@
 """Small uploads driven by `wrk` (a C load generator that costs the two cores little) beside
-the same-run 16-thread write+fsync+rename loop, with the Python client's rate as a note.
+the same-run 16-thread write+fsync+rename loop, with the Python client's rate as a note,
+and the floor under it: wrk against bench/floor_app.py (the same uvicorn and Starlette doing
+only the storage work of a small upload) in the same run.
 
 wrk runs one thread with `small_clients` connections and a Lua script that PUTs the same
 valid 64 KiB tarball under a fresh id each time, with the commit header; once
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from bench.baselines import Unavailable, need, small_file_loop
 from bench.figures_ops import put_load
+from bench.floor import FloorServer
 from bench.receivers import Bench, receiver
 from bench.report import Figure, at_least, spread
 from bench.workload import write_episode_tarball
@@ -132,20 +135,24 @@ def small_uploads_wrk(bench: Bench) -> list[Figure]:
     script.write_text(LUA)
     python_rates: list[float] = []
     wrk_p99: list[float] = []
-    with receiver(bench, "small-wrk/receiver", workers=workers) as process:
+    floor_rates: list[float] = []
+    hosts = str(max(1, clients // 2))
+
+    def wrk_run(port: int, tag: str) -> tuple[float, float]:
+        """(req/s, p99 ms) of one wrk run against the server on port."""
+        summary = _wrk(wrk, script, port, count, clients, [str(src), bench.commit, tag, hosts])
+        return summary["requests"] / (summary["duration_us"] / 1e6), summary["p99_us"] / 1e3
+
+    with (
+        receiver(bench, "small-wrk/receiver", workers=workers) as process,
+        FloorServer(home / "floor", workers) as floor,
+    ):
         for run in range(sizes.runs):
             rate, _ = small_file_loop(home / "loop", count, size, clients)
-            hosts = str(max(1, clients // 2))
-            summary = _wrk(
-                wrk,
-                script,
-                process.port,
-                count,
-                clients,
-                [str(src), bench.commit, f"w{run}", hosts],
-            )
-            figure.add(summary["requests"] / (summary["duration_us"] / 1e6), rate)
-            wrk_p99.append(summary["p99_us"] / 1e3)
+            product, p99 = wrk_run(process.port, f"w{run}")
+            figure.add(product, rate)
+            wrk_p99.append(p99)
+            floor_rates.append(wrk_run(floor.port, f"f{run}")[0])
             body = src.read_bytes()
             began = time.perf_counter()
             put_load(process.port, count, clients, f"p{run}", body, bench.commit, host="up")
@@ -153,6 +160,12 @@ def small_uploads_wrk(bench: Bench) -> list[Figure]:
     figure.notes.append(f"body {size} bytes; wrk p99 {spread(wrk_p99)} ms")
     figure.notes.append(
         f"Python client (16 threads, same receiver, same run) {spread(python_rates)} req/s"
+    )
+    floor_ratios = [f / b for f, b in zip(floor_rates, figure.baseline, strict=True)]
+    figure.notes.append(
+        f"floor (bench/floor_app.py by wrk: the storage syscalls alone under uvicorn + "
+        f"Starlette, same run) {spread(floor_rates)} req/s; floor / baseline "
+        f"{spread(floor_ratios)}"
     )
     shutil.rmtree(home)
     return [figure]
