@@ -215,8 +215,34 @@ class Receiver:
         row = self._index(upload, sha256, size, recorded)
         failpoints.hit(failpoints.AFTER_INDEX_APPEND)
         writer.close()
+        if row.sha256 != sha256:
+            raise self._indexed_meanwhile(row, sha256, self.storage.blobs.where(*row.key))
         failpoints.hit(failpoints.BEFORE_RESPONSE)
         return row
+
+    @staticmethod
+    def _indexed_meanwhile(row: IndexRow, sha256: str, where: str) -> Conflict:
+        """Another writer's row, with other content, landed between our lookup and append.
+
+        Within one blob store the name claim prevents this; it takes writers that share a
+        catalogue but not a blob store. The row wins, as every read trusts it; the blob we
+        installed does not match it, and episode-verify reports that.
+        """
+        host_id, episode_id = row.key
+        log.error(
+            "host=%s episode=%s: indexed meanwhile with sha256 %s by another writer; the "
+            "blob installed at %s has sha256 %s and does not match its row (do all "
+            "receivers share one blob store?); run episode-verify",
+            host_id,
+            episode_id,
+            row.sha256,
+            where,
+            sha256,
+        )
+        return Conflict(
+            "this id was indexed with different content while this upload was stored",
+            fields={"stored_sha256": row.sha256},
+        )
 
     def _index(self, upload: Upload, sha256: str, size: int, recorded: str | None) -> IndexRow:
         if upload.restore is not None:

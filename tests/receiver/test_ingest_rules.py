@@ -23,7 +23,7 @@ from receiver.gate import VersionGate
 from receiver.ingest import Ingestor, Reply, Upload
 from receiver.limits import UploadAdmission
 from receiver.receiving import SMALL_BODY_BYTES
-from receiver.storage import DataDirLayout, Storage, new_row
+from receiver.storage import DataDirLayout, IndexRow, Storage, new_row
 from receiver.storage.memory import MemoryBlobStore, MemoryCatalogue
 from tests.e2e.test_receiver_protocol import digest_header
 from tests.support import make_tarball
@@ -88,6 +88,27 @@ def test_different_content_is_a_conflict_and_overwrites_nothing(
     conflict = put(ingestor, make_tarball(COMMIT, {**(files or {}), "data/other.bin": b"x"}))
     assert conflict.status_code == 409 and conflict.body["error"] == "conflict"
     assert blobs.blobs[("lab-07", "ep-1")] == body and catalogue.count() == 1
+
+
+@pytest.mark.parametrize("files", [None, BIG], ids=["small", "streamed"])
+def test_a_row_with_other_content_indexed_meanwhile_is_a_conflict_not_a_201(
+    files: dict[str, bytes] | None,
+) -> None:
+    """Another writer (sharing the catalogue, not the blob store) indexes the id between
+    this upload's lookup and its append: the answer is 409 naming the row that won."""
+    ingestor, _, catalogue = make_ingestor()
+    theirs = new_row("lab-07", "ep-1", "ab" * 32, 123, COMMIT)
+    ours_first = catalogue.append_if_absent
+
+    def append_after_theirs(row: IndexRow) -> tuple[IndexRow, bool]:
+        ours_first(theirs)
+        return ours_first(row)
+
+    catalogue.append_if_absent = append_after_theirs  # type: ignore[method-assign]
+    with pytest.raises(Conflict, match="indexed with different content") as raised:
+        put(ingestor, make_tarball(COMMIT, files))
+    assert raised.value.fields == {"stored_sha256": theirs.sha256}
+    assert catalogue.lookup("lab-07", "ep-1") == theirs and catalogue.count() == 1
 
 
 @pytest.mark.parametrize("files", [None, BIG], ids=["small", "streamed"])
