@@ -18,6 +18,7 @@ from receiver.config import FilesystemStorageConfig
 from receiver.storage import CatalogueCorrupt, DurabilityError, IndexRow, StoredBlob
 from tools import cli_common
 from tools.backfill_report import BackfillReport, Unreadable, inspect_tarball
+from tools.listed_blobs import ListedBlobs
 from tools.progress import Progress
 from tools.scan import bounded_map
 
@@ -75,20 +76,26 @@ class Backfill:
             state = catalogue.recover(repair=not self.dry_run)
         except CatalogueCorrupt as error:
             fail(PROG, f"{error} (episode-verify lists every such line)")
-        listing = self.storage.blobs.list_blobs(host)
-        tarballs = listing.blobs
-        report = BackfillReport(dry_run=self.dry_run, scanned=len(tarballs), skipped=listing.strays)
-        report.torn_tail_bytes = state.torn_tail_bytes  # in a dry run: what a run would cut
-        todo = [t for t in tarballs if catalogue.lookup(t.host_id, t.episode_id) is None]
-        report.already_indexed = len(tarballs) - len(todo)
+
+        def unindexed(blob: StoredBlob) -> bool:
+            return catalogue.lookup(blob.host_id, blob.episode_id) is None
+
+        # The listing streams into a private file, keeping only the blobs with no row: a
+        # store of millions of blobs is never held in memory.
         try:
-            self._read_all(todo, report)
+            with ListedBlobs.of(self.storage.blobs, host, keep=unindexed) as todo:
+                report = BackfillReport(
+                    dry_run=self.dry_run, scanned=todo.listed, skipped=todo.strays
+                )
+                report.torn_tail_bytes = state.torn_tail_bytes  # dry run: what a run would cut
+                report.already_indexed = todo.listed - todo.count
+                self._read_all(todo, report)
         finally:
             catalogue.close()
         return report
 
-    def _read_all(self, todo: list[StoredBlob], report: BackfillReport) -> None:
-        progress = Progress("backfill", len(todo), sum(t.size_bytes for t in todo))
+    def _read_all(self, todo: ListedBlobs, report: BackfillReport) -> None:
+        progress = Progress("backfill", todo.count, todo.bytes)
         storage = self.location.config
         blobs = self.storage.blobs
 

@@ -1,7 +1,7 @@
 """Read many stored blobs in parallel with bounded memory.
 
 What counts as a stored blob, and what is only a stray, is the blob store's to say
-(BlobStore.list_blobs); this module only spreads the reading over threads.
+(BlobStore.scan_blobs); this module only spreads the reading over threads.
 """
 
 from __future__ import annotations

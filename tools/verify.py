@@ -3,8 +3,9 @@
 Re-hashes every tarball in a bounded thread pool (hashlib and read() release the GIL; one
 block per thread in memory) and reports missing, orphaned, mismatched, duplicate, bad and
 torn rows. It writes nothing and takes no write lock: safe beside a live receiver. The
-index is streamed once into a private, temporary view (receiver.storage.IndexAudit), so
-memory does not grow with the rows; the listing of stored blobs still holds every blob.
+index is streamed once into a private, temporary view (receiver.storage.IndexAudit) and the
+store's listing into another (tools.listed_blobs), so memory grows with neither the rows
+nor the blobs, only with the problems found.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from episode_common.cli_support import fail
 from receiver.storage import IndexAudit, NumberedRow, StoredBlob, digest_stream
 from tools import cli_common
 from tools.catalogue_audit import CatalogueAudit
+from tools.listed_blobs import ListedBlobs
 from tools.progress import Progress
 from tools.scan import Cancelled, bounded_map
 from tools.verify_report import Mismatch, VerifyReport
@@ -56,40 +58,44 @@ class Verifier:
     def run(self, host: str | None) -> VerifyReport:
         started = time.monotonic()
         report = VerifyReport(quick=self.quick)
-        # The index is read before the walk: a file is linked before its row is appended, so
-        # every row read here has its file by now unless the file is really gone. The pass
-        # keeps no rows: a private view answers lookups (memory flat in the rows).
-        with self._audit(host) as audit:
-            listing = self.location.storage.blobs.list_blobs(host)
-            tarballs, report.stray = listing.blobs, listing.strays
-            report.rows = audit.rows
-            report.files = len(tarballs)
+        # The index is read before the listing: a file is linked before its row is appended,
+        # so every row read here has its file by now unless the file is really gone. Neither
+        # pass is kept in memory: private temporary files answer the lookups.
+        blobs = self.location.storage.blobs
+        with self._audit(host) as audit, ListedBlobs.of(blobs, host) as listed:
+            report.rows, report.files, report.stray = audit.rows, listed.count, listed.strays
             report.bad_lines, report.torn_tail = audit.bad_lines, audit.torn_tail
             report.duplicates = audit.duplicates()
-            on_disk = {tarball.key for tarball in tarballs}
-            report.missing = list(audit.rows_not_in(on_disk))
-            del on_disk
+            report.missing = list(audit.rows_not_in(listed))
             unindexed: list[tuple[StoredBlob, FileCheck]] = []
-            for tarball, check in self._check_all(tarballs, report):
+            for tarball, check in self._check_all(listed, report):
                 numbered = audit.lookup(tarball.key)
                 if numbered is not None:
                     self._compare(tarball, numbered, check, report)
                 else:
-                    unindexed.append((tarball, check))
+                    unindexed.append((tarball, check))  # few: the problems, or very new
             if unindexed:
                 # A receiver may have just linked a file and not yet appended its row.
                 audit.catch_up()
-                for tarball, check in unindexed:
-                    numbered = audit.lookup(tarball.key)
-                    if numbered is not None:
-                        self._compare(tarball, numbered, check, report)
-                    elif check.error is not None:
-                        report.unreadable.append((tarball, check.error))
-                    else:
-                        report.orphaned.append(tarball)
+                self._settle_unindexed(audit, unindexed, report)
         report.seconds = time.monotonic() - started
         report.sort()
         return report
+
+    def _settle_unindexed(
+        self,
+        audit: IndexAudit | CatalogueAudit,
+        unindexed: list[tuple[StoredBlob, FileCheck]],
+        report: VerifyReport,
+    ) -> None:
+        for tarball, check in unindexed:
+            numbered = audit.lookup(tarball.key)
+            if numbered is not None:
+                self._compare(tarball, numbered, check, report)
+            elif check.error is not None:
+                report.unreadable.append((tarball, check.error))
+            else:
+                report.orphaned.append(tarball)
 
     def _audit(self, host: str | None) -> IndexAudit | CatalogueAudit:
         """index.jsonl's line-level audit, or a database catalogue's rows."""
@@ -100,11 +106,13 @@ class Verifier:
         return CatalogueAudit(catalogue, host)
 
     def _check_all(
-        self, tarballs: list[StoredBlob], report: VerifyReport
-    ) -> list[tuple[StoredBlob, FileCheck]]:
+        self, listed: ListedBlobs, report: VerifyReport
+    ) -> Iterator[tuple[StoredBlob, FileCheck]]:
+        """Each listed blob with what reading it found, streamed (in completion order)."""
         if self.quick:
-            return [(tarball, FileCheck(tarball.size_bytes)) for tarball in tarballs]
-        progress = Progress("verify", len(tarballs), sum(t.size_bytes for t in tarballs))
+            yield from ((tarball, FileCheck(tarball.size_bytes)) for tarball in listed)
+            return
+        progress = Progress("verify", listed.count, listed.bytes)
 
         def on_block(block: bytes) -> None:
             if self.stop.is_set():
@@ -124,7 +132,7 @@ class Verifier:
             return FileCheck(size, sha256)
 
         try:
-            return list(bounded_map(check, tarballs, self.jobs, self.stop))
+            yield from bounded_map(check, listed, self.jobs, self.stop)
         finally:
             progress.close()
             report.bytes_read = progress.bytes_done

@@ -17,7 +17,6 @@ from receiver.config import (
 )
 from receiver.storage.base import (
     BackendUnavailable,
-    BlobListing,
     BlobStore,
     BlobWriter,
     Catalogue,
@@ -51,7 +50,6 @@ __all__ = [
     "NumberedRow",
     "TornTail",
     "read_index_snapshot",
-    "BlobListing",
     "BlobStore",
     "BlobWriter",
     "Catalogue",

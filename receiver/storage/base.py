@@ -64,12 +64,6 @@ class Stray:
     reason: str
 
 
-@dataclass
-class BlobListing:
-    blobs: list[StoredBlob]  # sorted by (host_id, episode_id)
-    strays: list[Stray]
-
-
 class BlobWriter(Protocol):
     """One upload on its way into the store; nothing is visible under the final name
     until commit(), and abort() leaves nothing behind."""
@@ -113,8 +107,9 @@ class BlobStore(Protocol):
 
     def open_read(self, host_id: str, episode_id: str) -> BinaryIO: ...
 
-    def list_blobs(self, host_id: str | None = None) -> BlobListing:
-        """Every stored blob (one host's with host_id), and what is there but is not one."""
+    def scan_blobs(self, host_id: str | None = None) -> Iterator[StoredBlob | Stray]:
+        """Every stored blob (one host's with host_id), and what is there but is not one,
+        streamed as found (no order promised): memory does not grow with the store."""
         ...
 
     def recover(self) -> list[StoredBlob]:

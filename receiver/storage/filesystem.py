@@ -8,17 +8,19 @@ written, so after a crash it tells recovery which installed file may still lack 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from episode_common.durable import fsync_dir, make_dirs_durable, start_writeback
 from episode_common.wire import TARBALL_SUFFIX, is_valid_id
 from receiver import failpoints
-from receiver.storage.base import BlobListing, DurabilityError, StoredBlob, Stray
+from receiver.storage.base import DurabilityError, StoredBlob, Stray
 from receiver.storage.hashing import digest_stream
 from receiver.storage.layout import DataDirLayout
 
@@ -118,38 +120,39 @@ class FilesystemStore:
     def open_read(self, host_id: str, episode_id: str) -> BinaryIO:
         return self.final_path(host_id, episode_id).open("rb", buffering=0)
 
-    def list_blobs(self, host_id: str | None = None) -> BlobListing:
-        listing = BlobListing([], [])
-        for host_dir in self._host_dirs(host_id, listing):
-            for entry in _entries(host_dir):
-                self._classify(host_dir.name, entry, listing)
-        return listing
+    def scan_blobs(self, host_id: str | None = None) -> Iterator[StoredBlob | Stray]:
+        for host_dir in self._host_dirs(host_id):
+            if isinstance(host_dir, Stray):
+                yield host_dir
+                continue
+            with _scan(host_dir) as entries:  # streamed: a host may have millions
+                for entry in entries:
+                    yield self._classify(host_dir.name, entry)
 
-    def _host_dirs(self, host_id: str | None, listing: BlobListing) -> list[Path]:
+    def _host_dirs(self, host_id: str | None) -> list[Path | Stray]:
         if host_id is not None:
             only = self.episodes_dir / host_id
             return [only] if only.is_dir() else []
-        host_dirs = []
+        host_dirs: list[Path | Stray] = []
         for entry in _entries(self.episodes_dir):
             if not entry.is_dir():
-                listing.strays.append(Stray(entry.path, "not a host directory"))
+                host_dirs.append(Stray(entry.path, "not a host directory"))
             elif not is_valid_id(entry.name):
-                listing.strays.append(Stray(entry.path, "directory name is not a valid host id"))
+                host_dirs.append(Stray(entry.path, "directory name is not a valid host id"))
             else:
                 host_dirs.append(Path(entry.path))
         return host_dirs
 
-    def _classify(self, host_id: str, entry: os.DirEntry[str], listing: BlobListing) -> None:
+    def _classify(self, host_id: str, entry: os.DirEntry[str]) -> StoredBlob | Stray:
         episode_id = entry.name.removesuffix(TARBALL_SUFFIX)
         if not entry.name.endswith(TARBALL_SUFFIX):
-            listing.strays.append(Stray(entry.path, f"name does not end in {TARBALL_SUFFIX}"))
-        elif not is_valid_id(episode_id):
-            listing.strays.append(Stray(entry.path, "name is not a valid episode id"))
-        elif not entry.is_file():  # follows a symlink, as exists() does
-            listing.strays.append(Stray(entry.path, "not a regular file"))
-        else:
-            where = self.where(host_id, episode_id)
-            listing.blobs.append(StoredBlob(host_id, episode_id, entry.stat().st_size, where))
+            return Stray(entry.path, f"name does not end in {TARBALL_SUFFIX}")
+        if not is_valid_id(episode_id):
+            return Stray(entry.path, "name is not a valid episode id")
+        if not entry.is_file():  # follows a symlink, as exists() does
+            return Stray(entry.path, "not a regular file")
+        where = self.where(host_id, episode_id)
+        return StoredBlob(host_id, episode_id, entry.stat().st_size, where)
 
     def recover(self) -> list[StoredBlob]:
         """Temp files that were installed (same inode as the final file) are returned (their
@@ -227,6 +230,18 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+@contextlib.contextmanager
+def _scan(directory: Path) -> Iterator[Iterator[os.DirEntry[str]]]:
+    """os.scandir of a directory that may be gone (removed meanwhile): then nothing."""
+    try:
+        iterator = os.scandir(directory)
+    except FileNotFoundError:
+        yield iter(())
+        return
+    with iterator:
+        yield iterator
 
 
 def _entries(directory: Path) -> list[os.DirEntry[str]]:

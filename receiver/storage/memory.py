@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from receiver.storage.base import BlobListing, CatalogueState, StoredBlob
+from receiver.storage.base import CatalogueState, StoredBlob, Stray
 from receiver.storage.marks import CommitSummary, MemoryMarks
 from receiver.storage.rows import HostSummary, IndexRow, summarise_hosts
 
@@ -73,13 +73,10 @@ class MemoryBlobStore:
     def open_read(self, host_id: str, episode_id: str) -> BinaryIO:
         return io.BytesIO(self.blobs[(host_id, episode_id)])
 
-    def list_blobs(self, host_id: str | None = None) -> BlobListing:
-        blobs = [
-            StoredBlob(host, episode, len(data), self.where(host, episode))
-            for (host, episode), data in sorted(self.blobs.items())
-            if host_id is None or host == host_id
-        ]
-        return BlobListing(blobs, [])
+    def scan_blobs(self, host_id: str | None = None) -> Iterator[StoredBlob | Stray]:
+        for (host, episode), data in sorted(self.blobs.items()):
+            if host_id is None or host == host_id:
+                yield StoredBlob(host, episode, len(data), self.where(host, episode))
 
     def recover(self) -> list[StoredBlob]:
         return []

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO, cast
 
 from episode_common.wire import TARBALL_SUFFIX, is_valid_id
 from receiver.config import S3StorageConfig
-from receiver.storage.base import BlobListing, StoredBlob, Stray
+from receiver.storage.base import StoredBlob, Stray
 from receiver.storage.hashing import digest_stream
 from receiver.storage.layout import DataDirLayout
 from receiver.storage.s3_client import NotFound, PreconditionFailed, make_client, translated
@@ -208,37 +209,39 @@ class S3Store:
             raise FileNotFoundError(self.where(host_id, episode_id)) from None
         return cast(BinaryIO, answer["Body"])
 
-    def list_blobs(self, host_id: str | None = None) -> BlobListing:
-        listing = BlobListing([], [])
+    def scan_blobs(self, host_id: str | None = None) -> Iterator[StoredBlob | Stray]:
         start = self.prefix if host_id is None else f"{self.prefix}{host_id}/"
-        for item in self._list("list", "list_objects_v2", "Contents", Prefix=start):
-            self._classify(str(item["Key"]), int(item["Size"]), listing)
-        listing.blobs.sort(key=lambda blob: blob.key)
-        return listing
+        for item in self._pages("list", "list_objects_v2", "Contents", Prefix=start):
+            found = self._classify(str(item["Key"]), int(item["Size"]))
+            if found is not None:
+                yield found
 
-    def _classify(self, key: str, size: int, listing: BlobListing) -> None:
+    def _classify(self, key: str, size: int) -> StoredBlob | Stray | None:
         rest = key[len(self.prefix) :]
         if rest.startswith((".commit/", ".staging/")):
-            return  # the receiver's own helpers, cleaned up by recover()
+            return None  # the receiver's own helpers, cleaned up by recover()
         host_id, _, name = rest.partition("/")
         episode_id = name.removesuffix(TARBALL_SUFFIX)
         where = self.where_key(key)
         if not is_valid_id(host_id) or "/" in name:
-            listing.strays.append(Stray(where, "not <host_id>/<name> under prefix"))
-        elif not name.endswith(TARBALL_SUFFIX):
-            listing.strays.append(Stray(where, f"name does not end in {TARBALL_SUFFIX}"))
-        elif not is_valid_id(episode_id):
-            listing.strays.append(Stray(where, "name is not a valid episode id"))
-        else:
-            listing.blobs.append(StoredBlob(host_id, episode_id, size, where))
+            return Stray(where, "not <host_id>/<name> under prefix")
+        if not name.endswith(TARBALL_SUFFIX):
+            return Stray(where, f"name does not end in {TARBALL_SUFFIX}")
+        if not is_valid_id(episode_id):
+            return Stray(where, "name is not a valid episode id")
+        return StoredBlob(host_id, episode_id, size, where)
 
     def _list(self, what: str, operation: str, field: str, **kwargs: Any) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = []
+        return list(self._pages(what, operation, field, **kwargs))
+
+    def _pages(
+        self, what: str, operation: str, field: str, **kwargs: Any
+    ) -> Iterator[dict[str, Any]]:
+        """The items of a paginated listing, one page in memory at a time."""
         with translated(f"{what} {kwargs.get('Prefix', '')}"):
             pages = self.client.get_paginator(operation).paginate(Bucket=self.bucket, **kwargs)
             for page in pages:
-                found.extend(page.get(field, []))
-        return found
+                yield from page.get(field, [])
 
     def recover(self) -> list[StoredBlob]:
         """Clean up after this data_dir's earlier runs (its journal), then after anyone's

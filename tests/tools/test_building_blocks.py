@@ -13,13 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from receiver.storage import IndexAudit, digest_stream, read_index_snapshot
+from receiver.storage import IndexAudit, StoredBlob, Stray, digest_stream, read_index_snapshot
 from receiver.storage.filesystem import FilesystemStore
 from receiver.storage.jsonl import JsonlCatalogue
 from receiver.storage.jsonl_audit import MAX_LINE
 from receiver.storage.rows import encode_row, new_row
+from tools import cli_common
+from tools.listed_blobs import ListedBlobs
 from tools.progress import Progress
 from tools.scan import Cancelled, bounded_map
+from tools.verify import Verifier
 
 
 class FakeTerminal(io.StringIO):
@@ -189,3 +192,81 @@ def test_index_torn_tail_bytes_measures_without_cutting(tmp_path: Path) -> None:
     path.write_bytes(row + b'{"half a')
     assert index.torn_tail_bytes() == 8
     assert path.read_bytes() == row + b'{"half a'
+
+
+def _synthetic_listing(count: int) -> Iterator[StoredBlob | Stray]:
+    """What a store of `count` blobs over 100 hosts lists, generated (no files): creating
+    100,000 files would dominate the test's time; the store's own scan is tested apart."""
+    yield Stray("/somewhere/odd", "not a host directory")
+    for n in range(count):
+        yield StoredBlob(f"h{n % 100}", f"e{n}", n, f"/episodes/h{n % 100}/e{n}.tar.zst")
+
+
+class _SyntheticStore(FilesystemStore):
+    def __init__(self, root: Path, count: int) -> None:
+        super().__init__(root)
+        self.count = count
+
+    def scan_blobs(self, host_id: str | None = None) -> Iterator[StoredBlob | Stray]:
+        return _synthetic_listing(self.count)
+
+
+def test_listed_blobs_memory_does_not_grow_with_the_blobs(tmp_path: Path) -> None:
+    store = _SyntheticStore(tmp_path, 100_000)
+    tracemalloc.start()
+    try:
+        with ListedBlobs.of(store) as listed:
+            assert (listed.listed, listed.count) == (100_000, 100_000)
+            assert listed.bytes == sum(range(100_000))
+            assert ("h7", "e99907") in listed and ("h7", "e99908") not in listed
+            in_order, previous = 0, ("", "")
+            for blob in listed:
+                in_order += blob.key > previous
+                previous = blob.key
+            _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert in_order == 100_000  # every blob, in key order
+    assert [stray.reason for stray in listed.strays] == ["not a host directory"]
+    # The listing as StoredBlob objects and a set of keys take about 44 MiB here.
+    assert peak < 8 << 20, peak
+
+
+def test_listed_blobs_keeps_only_what_keep_keeps_and_counts_all(tmp_path: Path) -> None:
+    store = _SyntheticStore(tmp_path, 1_000)
+    with ListedBlobs.of(store, keep=lambda blob: blob.size_bytes % 10 == 0) as listed:
+        assert (listed.listed, listed.count) == (1_000, 100)
+        assert [blob.size_bytes for blob in listed] == sorted(
+            range(0, 1_000, 10), key=lambda n: (f"h{n % 100}", f"e{n}")
+        )
+        assert all(blob.where == store.where(*blob.key) for blob in listed)
+
+
+def test_verify_memory_does_not_grow_with_the_blobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify --quick over 100,000 rows and as many listed blobs: both passes on disk."""
+    (tmp_path / "episodes").mkdir()
+    index = tmp_path / "index.jsonl"
+    with index.open("wb") as handle:
+        for start in range(0, 100_000, 10_000):
+            handle.write(
+                b"".join(
+                    encode_row(new_row(f"h{n % 100}", f"e{n}", "a" * 64, n, None))
+                    for n in range(start, start + 10_000)
+                )
+            )
+    monkeypatch.setattr(
+        FilesystemStore, "scan_blobs", lambda self, host=None: _synthetic_listing(100_000)
+    )
+    location = cli_common.from_data_dir("episode-verify", tmp_path)
+    tracemalloc.start()
+    try:
+        report = Verifier(location, quick=True, jobs=2).run(None)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (report.rows, report.files) == (100_000, 100_000)
+    assert report.missing == [] and report.orphaned == [] and report.size_mismatch == []
+    assert len(report.stray) == 1
+    assert peak < 12 << 20, peak  # the listing and key set as objects: about 44 MiB
