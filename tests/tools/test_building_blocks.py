@@ -160,16 +160,21 @@ def test_index_audit_reports_as_the_snapshot_does(tmp_path: Path) -> None:
         assert empty.rows == 0 and empty.duplicates() == [] and empty.lookup(("h", "e")) is None
 
 
-def test_index_audit_memory_does_not_grow_with_the_rows(tmp_path: Path) -> None:
-    index = tmp_path / "index.jsonl"
+def _write_index(index: Path, rows: int) -> Path:
+    """rows rows over 100 hosts (row n: host h{n % 100}, episode e{n}, size n)."""
     with index.open("wb") as handle:
-        for start in range(0, 100_000, 10_000):
+        for start in range(0, rows, 10_000):
             handle.write(
                 b"".join(
                     encode_row(new_row(f"h{n % 100}", f"e{n}", "a" * 64, n, None))
-                    for n in range(start, start + 10_000)
+                    for n in range(start, min(rows, start + 10_000))
                 )
             )
+    return index
+
+
+def test_index_audit_memory_does_not_grow_with_the_rows(tmp_path: Path) -> None:
+    index = _write_index(tmp_path / "index.jsonl", 100_000)
     tracemalloc.start()
     try:
         with IndexAudit(index) as audit:
@@ -247,15 +252,7 @@ def test_verify_memory_does_not_grow_with_the_blobs(
 ) -> None:
     """verify --quick over 100,000 rows and as many listed blobs: both passes on disk."""
     (tmp_path / "episodes").mkdir()
-    index = tmp_path / "index.jsonl"
-    with index.open("wb") as handle:
-        for start in range(0, 100_000, 10_000):
-            handle.write(
-                b"".join(
-                    encode_row(new_row(f"h{n % 100}", f"e{n}", "a" * 64, n, None))
-                    for n in range(start, start + 10_000)
-                )
-            )
+    _write_index(tmp_path / "index.jsonl", 100_000)
     monkeypatch.setattr(
         FilesystemStore, "scan_blobs", lambda self, host=None: _synthetic_listing(100_000)
     )
