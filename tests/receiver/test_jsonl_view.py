@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from receiver.storage import jsonl_file, jsonl_sync
 from receiver.storage.jsonl import JsonlCatalogue
 from receiver.storage.jsonl_view import SCHEMA_VERSION, view_path_for
 from receiver.storage.marks import CommitSummary, Rejection, StaleRefusal
@@ -101,6 +102,25 @@ def test_lookups_totals_and_order_match_the_file_after_catch_up_and_rebuild(
         rebuilt = JsonlCatalogue(path)
         check_against_model(rebuilt, path, ["h0", "h9"])
         rebuilt.close()
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_a_build_keeps_the_first_row_of_a_key_within_a_chunk_and_across_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, big: bool
+) -> None:
+    if big:  # the big-build path: relaxed pragmas, several small chunks per transaction
+        monkeypatch.setattr(jsonl_sync, "BIG_CATCH_UP", 0)
+        monkeypatch.setattr(jsonl_sync, "BIG_BATCHES", 3)
+        monkeypatch.setattr(jsonl_file, "CHUNK_BYTES", 1024)
+    path = tmp_path / "index.jsonl"
+    keys = [(f"h{n % 3}", f"e{n % 7}") for n in range(60)]  # every key several times
+    rows = [some_row(host, episode, size) for size, (host, episode) in enumerate(keys, 1)]
+    path.write_bytes(b"".join(map(encode_row, rows)))
+    catalogue = JsonlCatalogue(path)
+    catalogue.load()
+    check_against_model(catalogue, path, ["h0", "h5"])
+    assert catalogue.count() == 21
+    catalogue.close()
 
 
 def test_a_host_numbered_in_a_rolled_back_transaction_is_numbered_again(tmp_path: Path) -> None:
