@@ -8,21 +8,21 @@ chunk is committed with the position it reached.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from receiver.storage.jsonl_file import batches, end_of_last_complete_line
-from receiver.storage.jsonl_view import Batch, Position, ViewDatabase, is_corrupt
+from receiver.storage.jsonl_view import Position, ViewDatabase, is_corrupt
 
 log = logging.getLogger(__name__)
 
 PROGRESS_SECONDS = 5.0
 BIG_CATCH_UP = 64 << 20  # bytes: past this, relaxed durability and a bigger cache for the build
-BIG_BATCHES = 8  # chunks (of CHUNK_BYTES) per transaction in a big build
+BIG_BATCHES = 32  # chunks (of CHUNK_BYTES) per transaction in a big build: 256 MiB
 
 
 def sync_view(db: ViewDatabase, index_path: Path, *, strict: bool) -> Position:
@@ -98,9 +98,11 @@ def _catch_up(
         gc.disable()  # the chunks' rows and tuples hold no cycles; scanning them is waste
     try:
         chunks = batches(fd, position.offset, end, position.lines, strict=strict, path=path)
-        for group in _grouped(chunks, per_commit):
+        for first in chunks:
+            # Each chunk is recorded as soon as it is decoded, while its rows are still in the
+            # CPU's caches; decoding a whole group before recording any cost a tenth more.
             with db.write() as conn:
-                for batch in group:
+                for batch in itertools.chain((first,), itertools.islice(chunks, per_commit - 1)):
                     added = db.apply(conn, batch, stat)
                     progress.step(batch.end, added)
     finally:
@@ -110,17 +112,6 @@ def _catch_up(
             conn.execute("PRAGMA synchronous=NORMAL")
             db.close()  # the build's page cache goes with its connection
     progress.done()
-
-
-def _grouped(chunks: Iterator[Batch], size: int) -> Iterator[list[Batch]]:
-    group: list[Batch] = []
-    for chunk in chunks:
-        group.append(chunk)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
 
 
 class _Progress:
