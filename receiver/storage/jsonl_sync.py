@@ -100,7 +100,7 @@ def _catch_up(
         chunks = batches(fd, position.offset, end, position.lines, strict=strict, path=path)
         for first in chunks:
             # Each chunk is recorded as soon as it is decoded, while its rows are still in the
-            # CPU's caches; decoding a whole group before recording any cost a tenth more.
+            # CPU's caches (a whole group decoded first had left them by its insert).
             with db.write() as conn:
                 for batch in itertools.chain((first,), itertools.islice(chunks, per_commit - 1)):
                     added = db.apply(conn, batch, stat)
