@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_SECONDS = 5.0
 BIG_CATCH_UP = 64 << 20  # bytes: past this, relaxed durability and a bigger cache for the build
-BIG_BATCHES = 32  # chunks (of CHUNK_BYTES) per transaction in a big build: 256 MiB
+BIG_BATCHES = 8  # chunks (of CHUNK_BYTES) per transaction in a big build
 
 
 def sync_view(db: ViewDatabase, index_path: Path, *, strict: bool) -> Position:
