@@ -22,7 +22,7 @@ from episode_common.durable import atomic_write, fsync_dir
 from receiver import failpoints
 from receiver.storage.base import CatalogueCorrupt, DurabilityError
 from receiver.storage.jsonl_view import HEAD_BYTES, Batch
-from receiver.storage.rows import IndexRow, decode_row
+from receiver.storage.rows import IndexRow, decode_row, row_decoder
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def batches(
         lengths = [len(line) + 1 for line in lines]
         offsets = list(itertools.accumulate(lengths[:-1], initial=position))
         try:
-            rows = list(map(decode_row, lines))
+            rows = list(map(row_decoder.decode, lines))
         except _BAD_ROW:
             rows, offsets, lengths = _rows_one_by_one(
                 lines, offsets, lengths, lines_seen, strict=strict, path=path

@@ -8,15 +8,15 @@ chunk is committed with the position it reached.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from receiver.storage.jsonl_file import batches, end_of_last_complete_line
-from receiver.storage.jsonl_view import Batch, Position, ViewDatabase, is_corrupt
+from receiver.storage.jsonl_view import Position, ViewDatabase, is_corrupt
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,11 @@ def _catch_up(
         gc.disable()  # the chunks' rows and tuples hold no cycles; scanning them is waste
     try:
         chunks = batches(fd, position.offset, end, position.lines, strict=strict, path=path)
-        for group in _grouped(chunks, per_commit):
+        for first in chunks:
+            # Each chunk is recorded as soon as it is decoded, while its rows are still in the
+            # CPU's caches (a whole group decoded first had left them by its insert).
             with db.write() as conn:
-                for batch in group:
+                for batch in itertools.chain((first,), itertools.islice(chunks, per_commit - 1)):
                     added = db.apply(conn, batch, stat)
                     progress.step(batch.end, added)
     finally:
@@ -110,17 +112,6 @@ def _catch_up(
             conn.execute("PRAGMA synchronous=NORMAL")
             db.close()  # the build's page cache goes with its connection
     progress.done()
-
-
-def _grouped(chunks: Iterator[Batch], size: int) -> Iterator[list[Batch]]:
-    group: list[Batch] = []
-    for chunk in chunks:
-        group.append(chunk)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
 
 
 class _Progress:
