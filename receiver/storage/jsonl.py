@@ -280,7 +280,12 @@ class JsonlCatalogue:
         self._rebuild()
 
     def _rebuild(self) -> Position:
-        with self.locked(), self._mutex, self.view.lock:
+        with self.locked(), self._mutex:
+            return self._rebuild_held()
+
+    def _rebuild_held(self) -> Position:
+        """The view made anew from the file; the caller holds the write lock and the mutex."""
+        with self.view.lock:
             self.view.close()
             self.view.remove_files()
             return sync_view(self.view, self.path, strict=False)
@@ -356,14 +361,22 @@ class JsonlCatalogue:
                 return self.view.position()
 
     def _find(self, key: tuple[str, str], position: Position) -> IndexRow | None:
-        with self.view.lock:
-            found = self.view.locate(*key)
-            fd = self._fd_for(position)
-        if fd is None:
-            raise OSError(f"{self.path} was replaced while being written")
-        if found is not None:
-            return read_row(fd, *found)
-        return self._scan_pending(fd, position, key)  # type: ignore[return-value]
+        """Under the write lock: the row in force for key, as lookup() answers it."""
+        for _ in range(2):
+            with self.view.lock:
+                found = self.view.locate(*key)
+                fd = self._fd_for(position)
+            if fd is None:
+                raise OSError(f"{self.path} was replaced while being written")
+            if found is None:
+                return self._scan_pending(fd, position, key)  # type: ignore[return-value]
+            row = read_row(fd, *found)
+            if row is not None and row.key == key:
+                return row
+            # A wrong answer here would append a second row for key, or refuse a new one.
+            log.error("index view points %s/%s at a wrong line; rebuilding", *key)
+            position = self._rebuild_held()
+        raise OSError(f"index view {self.view.path} keeps disagreeing with {self.path}")
 
     def _record(self, rows: list[IndexRow], lines: list[bytes], start: int, at: Position) -> None:
         """The appended rows into the view; if that fails, the next writer catches up."""

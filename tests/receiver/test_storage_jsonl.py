@@ -126,6 +126,26 @@ def test_append_if_absent_appends_once_and_returns_the_existing_row(tmp_path: Pa
     assert len(index) == 1
 
 
+def test_append_decides_by_the_file_when_the_view_points_at_a_wrong_line(
+    tmp_path: Path,
+) -> None:
+    """A line past the first 4 KiB rewritten in place (same length, the last line kept):
+    the view's start-up checks cannot see it, so the writer checks the line it reads."""
+    path = index_file(tmp_path)
+    index = JsonlCatalogue(path)
+    for number in range(60):
+        index.append_if_absent(row(f"ep-{number:02d}"))
+    data = path.read_bytes()
+    edited = data.index(b'"ep-30"')
+    assert edited > 4096
+    path.write_bytes(data[:edited] + b'"ep-XX"' + data[edited + 7 :])  # same inode
+    stored, appended = index.append_if_absent(row("ep-30", sha256=SHA_B))
+    # The file no longer holds ep-30: the row is appended (not answered with ep-XX's).
+    assert appended is True and stored.sha256 == SHA_B
+    assert index.lookup("lab-07", "ep-30") == stored
+    assert [json.loads(line)["episode_id"] for line in lines_of(path)].count("ep-30") == 1
+
+
 def test_same_episode_id_on_another_host_is_a_different_row(tmp_path: Path) -> None:
     index = JsonlCatalogue(index_file(tmp_path))
     assert index.append_if_absent(row("ep-1", host_id="lab-01"))[1] is True
