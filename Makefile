@@ -41,7 +41,7 @@ soak: $(STAMP)
 
 ## bench: the benchmark suite, each figure next to a baseline from the same run (not part
 ## of make test); ARGS=--quick for tiny sizes, ARGS="--only upload,nginx" for some figures
-bench: $(STAMP)
+bench: system-packages $(STAMP)
 	$(BIN)/python -m bench $(ARGS)
 
 clean:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install the Debian packages the test suite needs, only those that are missing.
-# `make test` and .ci/run call this; `make run` does not (it needs only Python and git).
+# Install the Debian packages the test suite and the bench need, only those missing.
+# `make test`, `make bench` and .ci/run call this; `make run` does not (it needs only
+# Python and git).
 #
 #   scripts/setup-system.sh          install what is missing (apt-get as root, else sudo -n)
 #   scripts/setup-system.sh --check  list what is missing, install nothing; exit 1 if any
@@ -21,6 +22,7 @@ REQUIREMENTS=(
   "have_postgres|postgresql"                    # the PostgreSQL catalogue's tests
   "have runuser|util-linux"                     # initdb runs as the postgres user
   "have_nginx|nginx"                            # the load balancer in front of receivers
+  "have wrk|wrk"                                # the bench's small-wrk figure and its smoke test
 )
 
 have() { command -v "$1" >/dev/null 2>&1; }

@@ -53,7 +53,7 @@ def test_check_mode_names_every_missing_package_and_installs_nothing(tmp_path: P
     result = run(["--check"], str(bin_dir))
     assert result.returncode == 1
     named = set(result.stderr.split(": ")[-1].split())
-    assert {"git", "make", "curl", "zstd", "python3", "python3-venv", "chromium"} <= named
+    assert {"git", "make", "curl", "zstd", "python3", "python3-venv", "chromium", "wrk"} <= named
     assert not calls.exists()
 
 
