@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.orphan_guard import OrphanGuard
 from tests.support import PROJECT_ROOT, free_port
 
 SHIPPED = PROJECT_ROOT / "etc" / "nginx" / "episode-ingest.conf"
@@ -58,12 +59,16 @@ class Nginx:
     prefix: Path
     port: int
     proc: subprocess.Popen[bytes]
+    guard: OrphanGuard | None = None  # stops it if the test run dies
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
+        if self.guard is not None:
+            self.guard.cancel()
+            self.guard = None
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -88,10 +93,11 @@ def start_nginx(prefix: Path, upstreams: list[int]) -> Nginx:
         stderr=(prefix / "stderr.log").open("wb"),
         start_new_session=True,
     )
-    nginx = Nginx(prefix, port, proc)
+    nginx = Nginx(prefix, port, proc, OrphanGuard(group=proc.pid))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            nginx.stop()
             raise RuntimeError((prefix / "stderr.log").read_text())
         try:
             httpx.get(nginx.url + "/healthz", timeout=1)

@@ -14,11 +14,12 @@ import signal
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
 
+from tests.orphan_guard import OrphanGuard
 from tests.support import free_port
 
 
@@ -38,6 +39,10 @@ class PostgresServer:
     home: Path
     port: int
     pid: int
+    guard: OrphanGuard | None = field(default=None, repr=False)  # if the test run dies
+
+    def __post_init__(self) -> None:
+        self.guard = OrphanGuard(pid=self.pid, remove=self.home)
 
     def dsn(self, dbname: str = "postgres") -> str:
         return f"host=127.0.0.1 port={self.port} dbname={dbname} user=postgres"
@@ -49,6 +54,7 @@ class PostgresServer:
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (mode: smart, fast, immediate), waiting until it is gone."""
+        self._cancel_guard()
         subprocess.run(
             _as_postgres(
                 [str(_bindir() / "pg_ctl"), "-D", str(self.home / "data"), "-m", mode, "-w", "stop"]
@@ -57,18 +63,27 @@ class PostgresServer:
             check=False,
         )
         _wait_gone(self.pid)
+        self.guard = OrphanGuard(remove=self.home)  # stopped, its directory still to go
 
     def start(self) -> None:
         """Start it again on the same port and data (after stop())."""
+        self._cancel_guard()
         self.pid = _start(self.home, self.port)
+        self.guard = OrphanGuard(pid=self.pid, remove=self.home)
 
     def destroy(self) -> None:
+        self._cancel_guard()
         try:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         _wait_gone(self.pid)
         shutil.rmtree(self.home, ignore_errors=True)
+
+    def _cancel_guard(self) -> None:
+        if self.guard is not None:
+            self.guard.cancel()
+            self.guard = None
 
 
 def _wait_gone(pid: int, timeout: float = 20.0) -> None:

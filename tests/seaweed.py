@@ -22,6 +22,8 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
+from tests.orphan_guard import OrphanGuard
+
 ACCESS_KEY = "test-access-key"
 SECRET_KEY = "test-secret-key"
 GRPC_OFFSET = 10000  # weed's components find some peers' gRPC at port + 10000
@@ -59,6 +61,7 @@ class SeaweedServer:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.proc: subprocess.Popen[bytes] | None = None
+        self._guard: OrphanGuard | None = None  # stops it if the test run dies
         self.master, self.volume, self.filer, self.s3, self.admin = _free_port_pairs(5)
         self.endpoint_url = f"http://127.0.0.1:{self.s3}"
         self.log_path = root / "weed.log"
@@ -99,10 +102,13 @@ class SeaweedServer:
             self.proc = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
+        self._guard = OrphanGuard(group=self.proc.pid)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed mini exited {self.proc.returncode}:\n{self.log()}")
+                code = self.proc.returncode
+                self.stop()
+                raise RuntimeError(f"weed mini exited {code}:\n{self.log()}")
             try:
                 self.client().list_buckets()
                 return self
@@ -116,6 +122,7 @@ class SeaweedServer:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after a grace period; by PID (its own process group)."""
+        self._cancel_guard()
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
@@ -128,10 +135,16 @@ class SeaweedServer:
 
     def kill(self) -> None:
         """SIGKILL: the store gone at once, as a crash or a network cut looks to a client."""
+        self._cancel_guard()
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+    def _cancel_guard(self) -> None:
+        if self._guard is not None:
+            self._guard.cancel()
+            self._guard = None
 
     def client(self) -> Any:
         return boto3.client(
